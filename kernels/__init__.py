@@ -1,0 +1,62 @@
+"""The engine's hot paths. Each op has a Triton side (CUDA, or CPU under TRITON_INTERPRET=1) and a torch side.
+
+`HIPPO_KERNELS=triton|torch` forces one side for every op; by default CUDA tensors take Triton and CPU tensors
+take torch. Tensors follow `scaled_dot_product_attention`'s layout: [B, H, T, D].
+"""
+import os
+
+import torch
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    choice = os.environ.get("HIPPO_KERNELS", "").strip().lower()
+    if choice not in ("", "triton", "torch"):
+        raise ValueError(f"HIPPO_KERNELS={choice!r}: expected 'triton' or 'torch'")
+    if choice:
+        return choice == "triton"
+    return t.is_cuda
+
+
+def rms_norm(x, weight, eps):
+    from . import rmsnorm as op
+    return (op.rms_norm_triton if use_triton(x) else op.rms_norm_torch)(x, weight, eps)
+
+
+def attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, scale=None):
+    """q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D] with Hq % Hkv == 0 -> [B, Hq, Tq, D].
+
+    Causal masking is bottom-right aligned (query i sits at key position i + Tk - Tq, as with a KV cache).
+    `sliding_window=W`: a query sees itself and the W - 1 keys before it. `segment_ids` [B, T] (Tq == Tk):
+    packed documents; a query only sees keys with the same segment id.
+    """
+    from . import flash_attention as op
+    fn = op.attention_triton if use_triton(q) else op.attention_torch
+    return fn(q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids, scale=scale)
+
+
+def lora_linear(x, weight, lora_a, lora_b, scale):
+    """x [..., in], weight [out, in], lora_a [r, in], lora_b [out, r] -> x W^T + scale (x A^T) B^T."""
+    from . import lora as op
+    return (op.lora_linear_triton if use_triton(x) else op.lora_linear_torch)(x, weight, lora_a, lora_b, scale)
+
+
+def apply_rope(q, k, cos, sin):
+    """q [B, Hq, T, D], k [B, Hkv, T, D], cos/sin [B, T, D] (rotate-half convention) -> (q, k) rotated."""
+    from . import rope as op
+    return (op.apply_rope_triton if use_triton(q) else op.apply_rope_torch)(q, k, cos, sin)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up, elementwise."""
+    from . import activation as op
+    return (op.swiglu_triton if use_triton(gate) else op.swiglu_torch)(gate, up)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean"):
+    """hidden [N, H], weight [V, H], labels [N] -> cross-entropy of hidden @ weight.T without keeping [N, V] logits.
+
+    reduction: "mean" over non-ignored labels, "sum", or "none" ([N], zero where ignored).
+    """
+    from . import cross_entropy as op
+    fn = op.fused_linear_cross_entropy_triton if use_triton(hidden) else op.fused_linear_cross_entropy_torch
+    return fn(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction)

@@ -1,0 +1,17 @@
+"""Shared fixtures: the real data dir and the default model (fetched and converted once, cached)."""
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    from models.paths import data_dir as find
+    return find()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from models.fetch import fetch_smollm2
+    return fetch_smollm2()
