@@ -52,11 +52,13 @@ def swiglu(gate, up):
     return (op.swiglu_triton if use_triton(gate) else op.swiglu_torch)(gate, up)
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean"):
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", chunk_size=None):
     """hidden [N, H], weight [V, H], labels [N] -> cross-entropy of hidden @ weight.T without keeping [N, V] logits.
 
-    reduction: "mean" over non-ignored labels, "sum", or "none" ([N], zero where ignored).
+    hidden [..., H] with labels [...] works too. reduction: "mean" over non-ignored labels, "sum", or "none"
+    (labels' shape, zero where ignored; minus the per-token log-probs). chunk_size: tokens per logits chunk
+    (default: about 2^24 logits per chunk).
     """
     from . import cross_entropy as op
     fn = op.fused_linear_cross_entropy_triton if use_triton(hidden) else op.fused_linear_cross_entropy_torch
-    return fn(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction)
+    return fn(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)

@@ -1,8 +1,208 @@
-"""LoRA linear: y = x W^T + scale (x A^T) B^T with W frozen."""
+"""LoRA linear: y = x W^T + s (x A^T) B^T with W frozen. x [M, K], W [N, K], A [R, K], B [N, R], R << K, N.
+
+Forward, one program per (M-block, N-block) tile: the K loop that accumulates x W^T also accumulates
+xa = x A^T [BM, R] from the same x tile, and the epilogue adds s * xa B^T before the single store of y. So x is
+read and y written exactly as by a plain matmul; xa (the only activation the backward needs besides x) is stored
+by the N-block-0 programs. Every N-block recomputes its xa (R / BN extra FLOPs over the base matmul) rather than
+reading x a second time.
+
+Backward, with dxa = s dy B [M, R]:
+    dx = dy W + dxa A      dA = dxa^T x      dB = s dy^T xa      (dW = dy^T x only when W.requires_grad)
+one program per (M-group, K-block): its N loop accumulates dy W and dy B from the same dy tile (and, in the
+K-block-0 programs, the dB partial dy^T xa), the epilogue adds dxa A and folds dxa^T x into the dA partial from
+the one x tile it reads. Partials are per M-group (deterministic, no atomics) and summed afterwards. Each K-block
+program recomputes dy B for its rows (R / BK extra FLOPs). When x needs no gradient (layer 0 over a frozen
+embedding) there is no dy W to fuse with, and dA, dB are three thin torch matmuls; an unfrozen W's dW is a torch
+matmul too.
+"""
+import torch
+import triton
+import triton.language as tl
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scale):
     return x @ weight.T + scale * ((x @ lora_a.T) @ lora_b.T)
 
 
-lora_linear_torch = lora_linear_reference
+@triton.jit
+def _lora_forward_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, scale, M, N, K, R,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    xa = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)  # [BM, BN]
+        xa = tl.dot(x, tl.trans(a), xa, input_precision=PRECISION)  # [BM, BR]
+    xa_low = xa.to(x_ptr.dtype.element_ty)  # rounded as the reference's x @ A^T
+    b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+    acc += scale * tl.dot(xa_low, tl.trans(b), input_precision=PRECISION)
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if pid_n == 0:
+        tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa_low, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+
+@triton.jit
+def _lora_backward_kernel(dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, dx_ptr, da_partial_ptr, db_partial_ptr,
+                          scale, M, N, K, R, n_groups,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                          COMPUTE_DA: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    pid_g, pid_k = tl.program_id(0), tl.program_id(1)
+    rk = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+    rr = tl.arange(0, BR)
+    a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+    da_acc = tl.zeros((BR, BK), dtype=tl.float32)
+    for m_block in range(pid_g, tl.cdiv(M, BM), n_groups):
+        rm = (m_block * BM + tl.arange(0, BM)).to(tl.int64)
+        m_mask = rm[:, None] < M
+        xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=m_mask & (rr[None, :] < R), other=0.0)
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
+        dxa = tl.zeros((BM, BR), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            rn = n0 + tl.arange(0, BN)
+            dy = tl.load(dy_ptr + rm[:, None] * N + rn[None, :], mask=m_mask & (rn[None, :] < N), other=0.0)
+            b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
+                        other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=PRECISION)  # [BM, BK]
+            dxa = tl.dot(dy, b, dxa, input_precision=PRECISION)  # [BM, BR]
+            if COMPUTE_DB:
+                if pid_k == 0:
+                    db_ptrs = db_partial_ptr + (pid_g * N + rn[:, None]) * BR + rr[None, :]
+                    db = tl.load(db_ptrs, mask=rn[:, None] < N, other=0.0)
+                    db = tl.dot(tl.trans(dy), xa, db, input_precision=PRECISION)  # [BN, BR]
+                    tl.store(db_ptrs, db, mask=rn[:, None] < N)
+        dxa_low = (dxa * scale).to(dy_ptr.dtype.element_ty)
+        acc = tl.dot(dxa_low, a, acc, input_precision=PRECISION)
+        tl.store(dx_ptr + rm[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=m_mask & (rk[None, :] < K))
+        if COMPUTE_DA:
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_mask & (rk[None, :] < K), other=0.0)
+            da_acc = tl.dot(tl.trans(dxa_low), x, da_acc, input_precision=PRECISION)  # [BR, BK]
+    if COMPUTE_DA:
+        tl.store(da_partial_ptr + (pid_g * BR + rr[:, None]) * K + rk[None, :], da_acc, mask=rk[None, :] < K)
+
+
+def _blocks(x, rank):
+    """Tile sizes (R padded to a tl.dot-able 16+) and launch options; fp32 matmuls stay exact (no tf32)."""
+    br = max(16, triton.next_power_of_2(rank))
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # "tf32" is the default and moot for 16-bit inputs
+    if x.is_cuda:
+        return dict(BM=64, BN=128, BK=64, BR=br, PRECISION=precision), dict(num_warps=4, num_stages=3)
+    return dict(BM=32, BN=32, BK=32, BR=br, PRECISION=precision), {}
+
+
+def _check(x, weight, lora_a, lora_b):
+    k = x.shape[-1]
+    n, r = lora_b.shape
+    if weight.shape != (n, k) or lora_a.shape != (r, k):
+        raise ValueError(f"lora_linear: x [..., {k}] needs weight [out, {k}], lora_a [r, {k}], lora_b [out, r]; got "
+                         f"{tuple(weight.shape)}, {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
+    if not x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype:
+        raise ValueError(f"lora_linear: dtypes differ: x {x.dtype}, weight {weight.dtype}, lora_a {lora_a.dtype}, "
+                         f"lora_b {lora_b.dtype}")
+
+
+class LoRALinearTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
+        weight, lora_a, lora_b = weight.contiguous(), lora_a.contiguous(), lora_b.contiguous()
+        m, k = x2.shape
+        n, r = lora_b.shape
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        xa = torch.empty(m, r, dtype=x.dtype, device=x.device)
+        blocks, launch = _blocks(x, r)
+        if m and n:
+            grid = (triton.cdiv(m, blocks["BM"]), triton.cdiv(n, blocks["BN"]))
+            _lora_forward_kernel[grid](x2, weight, lora_a, lora_b, y, xa, float(scale), m, n, k, r, **blocks,
+                                       **launch)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
+        ctx.scale, ctx.lead = scale, lead
+        return y.view(*lead, n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        m, k = x2.shape
+        n, r = lora_b.shape
+        dy2 = dy.reshape(m, n).contiguous()  # [M, N]
+        need_dx, need_dw, need_da, need_db = ctx.needs_input_grad[:4]
+        dw = (dy2.T @ x2) if need_dw else None  # [N, K]: a plain matmul, only for an unfrozen base weight
+        if not need_dx:  # e.g. layer 0 under a frozen embedding: without dy W there is nothing to fuse into
+            dxa = (dy2 @ lora_b) * ctx.scale  # [M, R]
+            da = (dxa.T @ x2) if need_da else None
+            db = (dy2.T @ xa) * ctx.scale if need_db else None
+            return None, dw, da, db, None
+        blocks, launch = _blocks(x2, r)
+        br = blocks["BR"]
+        m_blocks, k_blocks = triton.cdiv(m, blocks["BM"]), triton.cdiv(k, blocks["BK"])
+        n_groups = max(1, min(m_blocks, _parallel_programs(x2.device) // k_blocks))
+        dx = torch.empty_like(x2)
+        da_partial = torch.empty(n_groups, br, k, dtype=torch.float32, device=x2.device) if need_da else None
+        db_partial = torch.zeros(n_groups, n, br, dtype=torch.float32, device=x2.device) if need_db else None
+        if m:
+            _lora_backward_kernel[(n_groups, k_blocks)](
+                dy2, x2, weight, lora_a, lora_b, xa, dx, da_partial, db_partial, float(ctx.scale), m, n, k, r,
+                n_groups, **blocks, COMPUTE_DA=need_da, COMPUTE_DB=need_db, **launch)
+        da = (da_partial[:, :r].sum(0) if m else torch.zeros_like(lora_a, dtype=torch.float32)) if need_da else None
+        db = (db_partial[:, :, :r].sum(0) * ctx.scale) if need_db else None
+        return (dx.view(*ctx.lead, k), dw,
+                da.to(lora_a.dtype) if need_da else None, db.to(lora_b.dtype) if need_db else None, None)
+
+
+def _parallel_programs(device):
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def lora_linear_triton(x, weight, lora_a, lora_b, scale):
+    _check(x, weight, lora_a, lora_b)
+    return LoRALinearTriton.apply(x, weight, lora_a, lora_b, scale)
+
+
+class LoRALinearTorch(torch.autograd.Function):
+    """The reference's exact forward, summed in place; keeps x and xa = x A^T only, as the math needs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale):
+        xa = x @ lora_a.T  # [..., R]
+        y = x @ weight.T  # [..., N]
+        y.add_((xa @ lora_b.T).mul_(scale))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        need_dx, need_dw, need_da, need_db = ctx.needs_input_grad[:4]
+        s = ctx.scale
+        x2, xa2, dy2 = x.reshape(-1, x.shape[-1]), xa.reshape(-1, xa.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dxa = (dy2 @ lora_b).mul_(s)  # [M, R]
+        dx = dw = da = db = None
+        if need_dx:
+            dx = (dy2 @ weight).addmm_(dxa, lora_a).view(x.shape)
+        if need_dw:
+            dw = dy2.T @ x2
+        if need_da:
+            da = dxa.T @ x2  # [R, K]
+        if need_db:
+            db = (dy2.T @ xa2).mul_(s)  # [N, R]
+        return dx, dw, da, db, None
+
+
+def lora_linear_torch(x, weight, lora_a, lora_b, scale):
+    _check(x, weight, lora_a, lora_b)
+    return LoRALinearTorch.apply(x, weight, lora_a, lora_b, scale)

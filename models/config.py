@@ -35,6 +35,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim % 2:
+            raise CheckpointError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -1,0 +1,215 @@
+"""A training run's configuration: one dataclass per concern, resolved from YAML files and `key=value` overrides.
+
+Order of precedence (later wins): the dataclass defaults, `train/configs/{stage}.yaml`, `--config FILE`, then
+`key=value` arguments. Keys are dotted (`lora.rank=0`, `optim.warmup_steps=10`); values are parsed as YAML
+(`true`, `3`, `1e-5`, `[q_proj, v_proj]`). A few common keys are short names for a nested one: `lr`, `save_every`,
+`resume`, `eval_every`, and `data` when given a string (a file, a dir or a hub name).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from engine.data import DataConfig
+from models.lora import LoraConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "train" / "configs"
+STAGES = ("cpt", "sft", "dpo")
+ALIASES = {"lr": "optim.lr", "save_every": "checkpoint.save_every", "resume": "checkpoint.resume",
+           "eval_every": "eval.every", "data": "data.path"}
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names the file (if any) and the key in one line."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5  # peak learning rate, reached after the warmup
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio on the last step
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global L2 norm of the gradients; 0 = no clipping
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end (and on SIGTERM/SIGINT)
+    keep_last: int = 2  # finished checkpoints kept in out_dir/checkpoints; older ones are deleted
+    resume: bool | str = False  # true = the latest checkpoint in out_dir, or a checkpoint dir
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0
+    precompute_reference: bool = False  # reference log-probs of every training pair in one pass before step 1
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between evaluations; 0 = none during training
+    tasks: list[str] = field(default_factory=lambda: ["medqa"])  # eval/ tasks scored by CPT and SFT runs
+    limit: int | None = 50  # items per task
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "cpt"
+    model: str = "smollm2"  # a HF checkpoint dir, a .gguf file, or "smollm2" (the default model, fetched once)
+    out_dir: str = "out/cpt"
+    seq_len: int = 512
+    batch_size: int = 1  # micro-batch rows per rank; the global batch is batch_size x world_size x grad_accum
+    grad_accum: int = 1
+    max_steps: int = 100
+    seed: int = 1337
+    skip_nonfinite: bool = False  # a NaN/Inf loss or gradient skips the step instead of stopping the run
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward
+    mixed_precision: str = "auto"  # auto: bf16 compute + fp32 reduction on GPU, fp32 on CPU; or fp32 | bf16
+    timeout_s: int = 600  # collective timeout: a dead or stuck rank ends the run instead of hanging it
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def global_batch(self, world_size: int) -> int:
+        return self.batch_size * world_size * self.grad_accum
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(stage: str, config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then train/configs/{stage}.yaml, then `config_file`, then `key=value` overrides."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage={stage!r}: expected one of {STAGES}")
+    config = TrainConfig(stage=stage, out_dir=f"out/{stage}")
+    stage_file = CONFIG_DIR / f"{stage}.yaml"
+    if stage_file.is_file():
+        apply_settings(config, read_yaml(stage_file), source=str(stage_file))
+    if config_file:
+        apply_settings(config, read_yaml(Path(config_file)), source=config_file)
+    apply_settings(config, parse_overrides(overrides), source="command line")
+    if config.stage != stage:
+        raise ConfigError(f"stage={config.stage!r} does not match the entry point train/{stage}.py")
+    check(config)
+    return config
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping as flat dotted keys: {"lora": {"rank": 8}} -> {"lora.rank": 8}."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return flatten(tree)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_overrides(items) -> dict:
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"argument {item!r}: expected key=value (e.g. lora.rank=0)")
+        try:
+            settings[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            settings[key.strip()] = value
+    return settings
+
+
+def apply_settings(config: TrainConfig, settings: dict, source: str):
+    for key, value in settings.items():
+        target_key = ALIASES.get(key, key)
+        owner, name = config, target_key
+        *parents, name = target_key.split(".")
+        for part in parents:
+            if not dataclasses.is_dataclass(owner) or part not in _field_names(owner):
+                raise ConfigError(f"{source}: unknown key {key!r}")
+            owner = getattr(owner, part)
+        if not dataclasses.is_dataclass(owner) or name not in _field_names(owner) \
+                or dataclasses.is_dataclass(getattr(owner, name)):
+            raise ConfigError(f"{source}: unknown key {key!r}")
+        setattr(owner, name, coerce(getattr(owner, name), value, f"{source}: {key}"))
+
+
+def _field_names(obj) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
+
+
+def coerce(current, value, where: str):
+    """`value` converted to the type of the key's current value, or a ConfigError naming the key."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):  # resume=path
+            return value
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+    elif isinstance(current, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):  # data.path: several sources
+            return value
+    elif isinstance(current, list):
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+    else:
+        return value
+    raise ConfigError(f"{where}={value!r}: expected a value like {current!r}")
+
+
+def check(config: TrainConfig):
+    positive = {"seq_len": config.seq_len, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+                "max_steps": config.max_steps, "timeout_s": config.timeout_s}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+    if config.lora.rank < 0:
+        raise ConfigError(f"lora.rank={config.lora.rank}: must be >= 0 (0 = full fine-tuning)")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"lr={config.optim.lr}: must be > 0")
+    if config.mixed_precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"mixed_precision={config.mixed_precision!r}: expected auto, fp32 or bf16")
+    if config.dpo.loss_type not in ("sigmoid", "ipo", "hinge"):
+        raise ConfigError(f"dpo.loss_type={config.dpo.loss_type!r}: expected sigmoid, ipo or hinge")
+    if config.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={config.checkpoint.keep_last}: must be >= 1")

@@ -1,0 +1,133 @@
+"""torch.distributed setup and the FSDP2 wrapping of a model; the model itself knows nothing of either.
+
+Under torchrun the process group comes from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT or a rendezvous
+endpoint, across machines too). A plain `python train/cpt.py` gets a one-rank group in memory, so the same code
+path (FSDP2, torch.distributed.checkpoint) runs in both.
+
+Loading: every rank builds the model on the meta device and shards it there; rank 0 alone reads the safetensors
+(one full copy, on CPU) and broadcasts tensor by tensor, so each rank only ever allocates its own shards.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from models import ModelConfig, Transformer, build_model, load_model
+from models.lora import LoraConfig, add_lora, lora_layers
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(timeout_s: int = 600) -> DistEnv:
+    """Join the process group: NCCL on GPU, Gloo on CPU; a one-rank group when not launched by torchrun."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        local_rank, device, backend = int(os.environ.get("LOCAL_RANK", 0)), torch.device("cpu"), "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, env: DistEnv):
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+
+def load_sharded_model(path: str, env: DistEnv, lora: LoraConfig | None, seed: int, mixed_precision: str = "auto",
+                       activation_checkpointing: bool = False, trainable: bool = True) -> Transformer:
+    """The checkpoint at `path` (HF dir or .gguf), with LoRA adapters when `lora` is given, sharded with FSDP2.
+
+    Trainable weights (the adapters, or every weight for full fine-tuning) are fp32 masters; on GPU with bf16
+    compute the frozen base is stored in bf16. `trainable=False` freezes everything (DPO's reference copy).
+    """
+    dtype = compute_dtype(mixed_precision, env.device)
+    frozen_base = lora is not None or not trainable
+    storage_dtype = dtype if frozen_base else torch.float32
+
+    full_state = None
+    if env.is_main:
+        full = load_model(path, dtype=storage_dtype, device="cpu")
+        if lora is not None:
+            add_lora(full, lora, seed=seed)
+            _adapters_to_fp32(full)
+        full_state = full.state_dict()
+        config = full.config
+    config: ModelConfig = broadcast_object(config if env.is_main else None, env)
+
+    model = build_model(config, dtype=storage_dtype, device="meta")
+    if lora is not None:
+        add_lora(model, lora)
+        _adapters_to_fp32(model)
+    if not trainable:
+        model.requires_grad_(False)
+    shard(model, dtype, activation_checkpointing)
+    model.to_empty(device=env.device)
+    set_model_state_dict(model, full_state if env.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+    del full_state
+    return model
+
+
+def _adapters_to_fp32(model: Transformer):
+    for _, linear in lora_layers(model):
+        linear.lora_a.data = linear.lora_a.data.float()
+        linear.lora_b.data = linear.lora_b.data.float()
+
+
+def shard(model: Transformer, compute: torch.dtype, activation_checkpointing: bool = False):
+    """FSDP2: one `fully_shard` per transformer block, then the root (embedding, final norm, LM head)."""
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) \
+        if compute != torch.float32 else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+            checkpoint(block)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def gather_full_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every weight gathered onto rank 0's CPU (other ranks get an empty dict). A collective: call on all ranks."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

@@ -1,0 +1,89 @@
+"""What a run leaves in out_dir for people to read: metrics.jsonl, run.json (config, seed, versions), loss.png."""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+PACKAGES = ("torch", "triton", "safetensors", "tokenizers", "datasets", "numpy", "sentencepiece", "gguf",
+            "transformers", "peft")
+
+
+class MetricsLog:
+    """One JSON object per optimizer step, appended and flushed as it happens (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_records_after(resume_step)
+
+    def _drop_records_after(self, step: int):
+        """A resumed run repeats the steps after its checkpoint: forget what a killed run logged for them."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_run_info(out_dir: Path, config: dict, world_size: int, device: torch.device, model_path: str):
+    """config.yaml (the resolved config, reusable with --config) and run.json (seed, versions, launch)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    info = {"seed": config["seed"], "model_path": model_path, "world_size": world_size, "device": str(device),
+            "argv": sys.argv, "versions": package_versions()}
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path):
+    """loss (and held-out metrics if any) against the optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, marker=".", label="training loss")
+    held_out = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    if held_out:
+        ax.plot(*zip(*held_out), marker="o", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(str(metrics_path.parent))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""Fused linear + cross-entropy, Triton rows (interpreter on CPU) and torch sides, against a float64 reference."""
+import pytest
+import torch
+
+from kernels import cross_entropy as ce
+from kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
+                              saved_bytes)
+
+SIDES = {"triton": ce.fused_linear_cross_entropy_triton, "torch": ce.fused_linear_cross_entropy_torch}
+IGNORE = -100
+
+
+def make_inputs(n, h, v, dtype, ignored_every=3, weight_grad=True):
+    hidden = torch.randn(n, h, dtype=dtype, device=device(), requires_grad=True)
+    weight = (torch.randn(v, h, dtype=dtype, device=device()) * 2 / h ** 0.5).requires_grad_(weight_grad)
+    labels = torch.randint(0, v, (n,), device=device())
+    if ignored_every:
+        labels[torch.randperm(n, device=device())[: n // ignored_every]] = IGNORE
+    return hidden, weight, labels
+
+
+def check_against_float64(side, hidden, weight, labels, reduction, dtype, chunk_size):
+    loss = SIDES[side](hidden, weight, labels, ignore_index=IGNORE, reduction=reduction, chunk_size=chunk_size)
+    upstream = torch.randn_like(loss)
+    wanted = [t for t in (hidden, weight) if t.requires_grad]
+    grads = torch.autograd.grad(loss, wanted, upstream)
+    hidden64, weight64 = as_float64_leaves(hidden, weight)
+    loss64 = ce.fused_linear_cross_entropy_reference(hidden64, weight64, labels, IGNORE, reduction)
+    grads64 = torch.autograd.grad(loss64, [t for t in (hidden64, weight64) if t.requires_grad], upstream.double())
+    assert loss.dtype == torch.float32 and loss.shape == loss64.shape
+    assert_close64(loss, loss64, dtype, "loss")
+    names = [name for name, t in zip(["dhidden", "dweight"], (hidden, weight)) if t.requires_grad]
+    for name, ours, expected in zip(names, grads, grads64):
+        assert ours.dtype == dtype
+        assert_close64(ours, expected, dtype, name)
+    if reduction == "none":
+        assert (loss[labels == IGNORE] == 0).all()
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("dtype", dtypes_to_test())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n,h,v,chunk", [(1, 16, 7, None), (37, 24, 101, 8), (50, 40, 300, 64), (19, 16, 5000, 6)])
+def test_loss_and_gradients_match_float64(side, dtype, reduction, n, h, v, chunk, poisoned):
+    check_against_float64(side, *make_inputs(n, h, v, dtype, ignored_every=3 if n > 1 else 0), reduction, dtype,
+                          chunk)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_weight_and_batched_labels(side, reduction, poisoned):
+    """[B, T, H] hidden with [B, T] labels; a frozen (LoRA) LM head gets no gradient."""
+    hidden, weight, labels = make_inputs(2 * 13, 32, 77, torch.float32, weight_grad=False)
+    loss = SIDES[side](hidden.view(2, 13, 32), weight, labels.view(2, 13), reduction=reduction, chunk_size=5)
+    assert loss.shape == (() if reduction == "mean" else (2, 13))
+    check_against_float64(side, hidden, weight, labels, reduction, torch.float32, 5)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_all_labels_ignored_matches_reference(side):
+    hidden, weight, labels = make_inputs(6, 16, 11, torch.float32)
+    labels[:] = IGNORE
+    loss = SIDES[side](hidden, weight, labels)
+    loss.backward()
+    reference = ce.fused_linear_cross_entropy_reference(hidden, weight, labels)
+    assert torch.isnan(loss) and torch.isnan(reference)
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
+def test_no_logits_kept_and_no_grad_mode():
+    hidden, weight, labels = make_inputs(64, 32, 1000, torch.float32)
+    kept, loss = saved_bytes(ce.fused_linear_cross_entropy_torch, hidden, weight, labels, IGNORE, "mean", 16,
+                             exclude=[hidden, weight, labels])
+    kept_reference, _ = saved_bytes(ce.fused_linear_cross_entropy_reference, hidden, weight, labels,
+                                    exclude=[hidden, weight, labels])
+    assert kept <= (64 * 32 + 1000 * 32) * 4 + 64  # dh [N, H] and dW [V, H] (fp32) only
+    assert kept_reference >= 64 * 1000 * 4  # the reference keeps [N, V] logits
+    with torch.no_grad():
+        assert torch.allclose(ce.fused_linear_cross_entropy_torch(hidden, weight, labels), loss)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_bad_labels_and_reduction_are_clear_errors(side):
+    hidden, weight, labels = make_inputs(4, 8, 10, torch.float32)
+    labels[2] = 10
+    with pytest.raises(ValueError, match="label 10 is outside the vocabulary"):
+        SIDES[side](hidden, weight, labels)
+    with pytest.raises(ValueError, match="reduction"):
+        SIDES[side](hidden, weight, labels.clamp(max=9), reduction="avg")

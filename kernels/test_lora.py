@@ -1,0 +1,63 @@
+"""LoRA linear, Triton (interpreter on CPU) and torch sides, against a float64 reference."""
+import pytest
+import torch
+
+from kernels import lora
+from kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
+                              saved_bytes)
+
+SIDES = {"triton": lora.lora_linear_triton, "torch": lora.lora_linear_torch}
+
+
+def make_inputs(lead, k, n, r, dtype, weight_grad=False, x_grad=True):
+    x = torch.randn(*lead, k, dtype=dtype, device=device()).requires_grad_(x_grad)
+    weight = (torch.randn(n, k, dtype=dtype, device=device()) / k ** 0.5).requires_grad_(weight_grad)
+    lora_a = (torch.randn(r, k, dtype=dtype, device=device()) / k ** 0.5).requires_grad_()
+    lora_b = (torch.randn(n, r, dtype=dtype, device=device()) / r ** 0.5).requires_grad_()
+    return x, weight, lora_a, lora_b
+
+
+def check_against_float64(side, inputs, scale, dtype):
+    y = SIDES[side](*inputs, scale)
+    dy = torch.randn_like(y)
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(y, wanted, dy)
+    inputs64 = as_float64_leaves(*inputs)
+    y64 = lora.lora_linear_reference(*inputs64, scale)
+    grads64 = torch.autograd.grad(y64, [t for t in inputs64 if t.requires_grad], dy.double())
+    assert y.dtype == dtype
+    assert_close64(y, y64, dtype, "y")
+    names = [name for name, t in zip(["dx", "dweight", "dlora_a", "dlora_b"], inputs) if t.requires_grad]
+    for name, ours, expected in zip(names, grads, grads64):
+        assert_close64(ours, expected, dtype, name)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("dtype", dtypes_to_test())
+@pytest.mark.parametrize("lead,k,n,r", [((1,), 16, 16, 1), ((3, 29), 70, 45, 5), ((67,), 96, 130, 16),
+                                        ((2, 9), 33, 64, 20)])
+def test_forward_and_gradients_match_float64(side, dtype, lead, k, n, r, poisoned):
+    check_against_float64(side, make_inputs(lead, k, n, r, dtype), 2.0, dtype)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("weight_grad,x_grad", [(True, True), (False, False)])
+def test_unfrozen_weight_and_input_without_grad(side, weight_grad, x_grad, poisoned):
+    inputs = make_inputs((5, 7), 40, 24, 4, torch.float32, weight_grad=weight_grad, x_grad=x_grad)
+    check_against_float64(side, inputs, 0.5, torch.float32)
+
+
+def test_torch_side_matches_reference_and_saves_only_x_and_xa():
+    x, weight, lora_a, lora_b = make_inputs((4, 33), 96, 80, 8, torch.float32)
+    params = [weight, lora_a, lora_b]
+    kept, y = saved_bytes(lora.lora_linear_torch, x, *params, 2.0, exclude=[x, *params])
+    y_reference = lora.lora_linear_reference(x, *params, 2.0)
+    assert torch.equal(y, y_reference)
+    assert kept == 4 * 33 * 8 * 4  # xa = x A^T only
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_mismatched_shapes_are_a_clear_error(side):
+    x, weight, lora_a, lora_b = make_inputs((2,), 16, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="lora_linear"):
+        SIDES[side](x, weight, lora_a[:, :15], lora_b, 1.0)
