@@ -136,7 +136,7 @@ def run_worker(side: str, model_dir: Path, data_file: Path, batch_size: int, war
                profile: bool, out_dir: Path | None) -> dict:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    data = torch.load(data_file)
+    data = torch.load(data_file, weights_only=True)
     model, params, loss_fn = (engine_side if side == "engine" else hf_side)(model_dir)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -44,7 +44,7 @@ def launch(stage: str, args: list[str], nproc: int = 1, env: dict | None = None,
     if nproc == 1:
         command = [sys.executable, str(REPO / "train" / f"{stage}.py"), *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                    "--monitor_interval=0.2", str(REPO / "train" / f"{stage}.py"), *args]
     return subprocess.Popen(command, cwd=REPO, env=env or run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
