@@ -107,20 +107,26 @@ def load_config(stage: str, config_file: str | None = None, overrides: list[str]
 
 def read_yaml(path: Path) -> dict:
     """A YAML mapping as flat dotted keys: {"lora": {"rank": 8}} -> {"lora.rank": 8}."""
+    return flatten(read_yaml_mapping(path))
+
+
+def read_yaml_mapping(path: Path, error: type[Exception] = ConfigError) -> dict:
+    """The top-level mapping of a YAML file ({} when empty); `error` names the file when it is missing or bad."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise error(f"{path}: config file not found")
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return flatten(tree)
+        raise error(f"{path}: expected a mapping of keys at the top level")
+    return tree
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"lora": {"rank": 16}} -> {"lora.rank": 16}; dotted keys pass through."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):

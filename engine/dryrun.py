@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from engine.config import flatten, read_yaml_mapping
 from models.config import PRESETS, ModelConfig
 from models.lora import ALL_LINEAR, LoraConfig, add_lora
 
@@ -35,27 +36,8 @@ class DryRunError(ValueError):
 # config
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"lora": {"rank": 16}} -> {"lora.rank": 16}; dotted keys pass through."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise DryRunError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise DryRunError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise DryRunError(f"{path}: expected a mapping of keys at the top level")
-    return flatten(tree)
+    return flatten(read_yaml_mapping(path, DryRunError))
 
 
 def read_config(path: str | Path, overrides: list[str] = ()) -> dict:

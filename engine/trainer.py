@@ -51,6 +51,7 @@ def train(cfg: TrainConfig) -> dict:
     held_out = None
     if cfg.data.held_out:
         held_out = rank0_first(lambda: build_dataset(cfg.stage, cfg.data, tokenizer, cfg.seq_len, "held_out"), env)
+    eval_tasks = load_eval_tasks(cfg) if cfg.eval.every and cfg.stage != "dpo" else []
     lora = cfg.lora if cfg.lora.rank > 0 else None
     model = distributed.load_sharded_model(model_path, env, lora, cfg.seed, cfg.mixed_precision,
                                            cfg.activation_checkpointing)
@@ -147,8 +148,8 @@ def train(cfg: TrainConfig) -> dict:
             record.update({name: totals[2 + i].item() for i, name in enumerate(DPO_METRICS)})
         if held_out is not None and (step == cfg.max_steps or (cfg.eval.every and step % cfg.eval.every == 0)):
             record.update(evaluate_held_out(model, reference, held_out, cfg, env))
-        if cfg.eval.every and step % cfg.eval.every == 0 and cfg.stage != "dpo":
-            record.update(run_eval_tasks(model, tokenizer, cfg))
+        if eval_tasks and step % cfg.eval.every == 0:
+            record.update(run_eval_tasks(model, tokenizer, eval_tasks))
         metrics_log.write(record)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
@@ -311,18 +312,18 @@ def evaluate_held_out(model, reference, dataset, cfg: TrainConfig, env) -> dict:
     return result
 
 
-def run_eval_tasks(model, tokenizer, cfg: TrainConfig) -> dict:
-    """eval.evaluate on the configured multiple-choice tasks (every rank runs it: FSDP forwards are collective)."""
-    try:
-        from eval import evaluate
-    except ImportError:
-        log.warning("eval.evaluate is not available; eval_every only reports held-out loss")
-        return {}
-    model.eval()
-    results = evaluate(model, tokenizer, tasks=cfg.eval.tasks, limit=cfg.eval.limit, progress=False)
-    model.train()
-    return {f"eval/{task}/{name}": value for task, scores in results.items() for name, value in scores.items()
-            if isinstance(value, (int, float))}
+def load_eval_tasks(cfg: TrainConfig) -> list:
+    """The multiple-choice tasks scored every `eval.every` steps, read and checked once before training."""
+    from eval import load_task
+    return [load_task(name, limit=cfg.eval.limit) for name in cfg.eval.tasks]
+
+
+def run_eval_tasks(model, tokenizer, tasks: list) -> dict:
+    """eval/{task}/acc and acc_norm (every rank runs it: FSDP forwards are collective)."""
+    from eval import evaluate
+    results = evaluate(model, tokenizer, tasks=tasks, progress=False)["results"]
+    return {f"eval/{task}/{name}": scores[name] for task, scores in results.items()
+            for name in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr") if name in scores}
 
 
 def run_fingerprint(cfg: TrainConfig, model_config, model_path: str, world_size: int) -> dict:

@@ -169,7 +169,9 @@ def _score_batch(model, requests: list[EncodedRequest]) -> list[list[float]]:
     hidden = [_context_pass(model, requests, rows, row_cache)]  # [B, H]
     if rows.tokens:
         hidden.append(_continuation_pass(model, rows, ctx_lens, row_cache))  # [R * Tc, H]
-    return _sum_logprobs(weight, requests, rows, torch.cat(hidden))
+    # Looked up again after the forwards: under FSDP2 the weight read before them is a sharded DTensor, and the
+    # forward leaves the root's full weight in its place.
+    return _sum_logprobs(model.output_weight, requests, rows, torch.cat(hidden))
 
 
 def _context_pass(model, requests, rows: ContinuationRows, row_cache: KVCache | None):

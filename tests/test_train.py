@@ -122,3 +122,20 @@ def test_short_dpo_run_on_the_default_model_wins_on_held_out_pairs(smollm2_dir, 
     last = rows[-1]
     assert last["eval/rewards/accuracies"] > 0.5, f"held-out reward accuracy {last['eval/rewards/accuracies']}"
     assert last["eval/rewards/margins"] > 0
+
+
+def test_eval_every_scores_tasks_during_training_like_the_evaluator(tiny_model, tmp_path):
+    """eval_every=3 on two ranks: the step-6 scores equal eval.evaluate on the exported final model."""
+    from eval import evaluate
+    from models import load_model, load_tokenizer
+
+    out = tmp_path / "run"
+    run("cpt", cpt_args(tiny_model, out, batch_size=1, eval_every=3, **{"eval.tasks": "[medqa,pubmedqa]",
+                                                                          "eval.limit": 6}), nproc=2)
+    rows = {r["step"]: r for r in records(out)}
+    assert [s for s in rows if "eval/medqa/acc" in rows[s]] == [3, 6]
+    final = evaluate(load_model(out / "final"), load_tokenizer(out / "final"), ["medqa", "pubmedqa"], limit=6,
+                     progress=False)["results"]
+    for task in ("medqa", "pubmedqa"):
+        for metric in ("acc", "acc_norm"):
+            assert rows[6][f"eval/{task}/{metric}"] == pytest.approx(final[task][metric]), (task, metric)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import yaml
 
+from engine.config import flatten, read_yaml, read_yaml_mapping
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "train" / "configs" / "pipeline.yaml"
 TRAIN_STAGES = ("cpt", "sft", "dpo")
@@ -118,15 +120,7 @@ def load_pipeline_config(config_file: str | None = None, overrides: list[str] = 
 
 
 def read_tree(path: Path) -> dict:
-    if not path.is_file():
-        raise PipelineError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise PipelineError(f"{path}: expected a mapping of keys at the top level")
-    return unflatten(tree)
+    return unflatten(read_yaml_mapping(path, PipelineError))
 
 
 # mappings whose keys are names, not dotted paths: data source specs such as "corpus/medquad_qa.jsonl:text=answer"
@@ -169,16 +163,6 @@ def set_parts(tree: dict, parts: list[str], value):
             set_parts(node[name], [k], v)
     else:
         node[name] = value
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def from_tree(tree: dict, source: str) -> PipelineConfig:
@@ -413,7 +397,6 @@ class Pipeline:
         section = dict(self.config.__dict__[stage])
         settings = {}
         if section.get("config"):
-            from engine.config import read_yaml
             settings.update(read_yaml(self.find_file(section.pop("config"), f"{stage}.config")))
         section.pop("config", None)
         settings.update(flatten(section))
