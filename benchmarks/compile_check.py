@@ -20,7 +20,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import activation, cross_entropy, lora, rmsnorm, rope  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -60,7 +62,49 @@ def kernel_specs(dtype="bf16"):
          [ptr, ptr, ptr, ptr, ptr, ptr, ptr, "*fp32", "*fp32", "fp32", "i32", "i32", "i32", "i32", "i32"],
          dict(blocks, COMPUTE_DA=True, COMPUTE_DB=True), dict(num_warps=4, num_stages=3)),
     ]
+    return specs + [spec for head_dim in (32, 64, 96, 128) for spec in attention_specs(dtype, head_dim)]
+
+
+def attention_specs(dtype, head_dim):
+    """The four attention kernels with the launch configurations `kernels.flash_attention` uses on an H100, every
+    mask branch on (causal, sliding window, packed segments)."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    precision = flash_attention._dot_precision(torch_dtype)
+    kernels = [("attention forward", flash_attention._attn_fwd_kernel, "fwd"),
+               ("attention backward dK/dV", flash_attention._attn_bwd_dkdv_kernel, "dkdv"),
+               ("attention backward dQ", flash_attention._attn_bwd_dq_kernel, "dq")]
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=flash_attention._block_d(head_dim), CAUSAL=True, HAS_WINDOW=True,
+                 HAS_SEGMENTS=True, PRECISION=precision)
+    specs = []
+    for label, fn, name in kernels:
+        block_m, block_n, warps, stages = flash_attention._config(name, head_dim, torch.device("cuda"), torch_dtype)
+        constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n)
+        specs.append((f"{label} D={head_dim} {block_m}x{block_n}", fn, _attention_types(fn, constexprs, dtype),
+                      constexprs, dict(num_warps=warps, num_stages=stages)))
+    delta = flash_attention._bwd_delta_kernel
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_D=flash_attention._block_d(head_dim))
+    specs.append((f"attention backward delta D={head_dim}", delta, _attention_types(delta, constexprs, dtype),
+                  constexprs, dict(num_warps=4)))
     return specs
+
+
+def _attention_types(fn, constexprs, dtype):
+    """Argument types by name: tensors in capitals (LSE and DELTA fp32, segment ids int32), scales fp32, ints i32."""
+    types = []
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name in ("LSE", "DELTA"):
+            types.append("*fp32")
+        elif name.startswith("SEG"):
+            types.append("*i32")
+        elif name.isupper():
+            types.append(f"*{dtype}")
+        elif name.endswith("_scale"):
+            types.append("fp32")
+        else:
+            types.append("i32")
+    return types
 
 
 def compile_all(dtypes=("bf16", "fp32")):
