@@ -319,7 +319,7 @@ def load_eval_tasks(cfg: TrainConfig) -> list:
 
 
 def run_eval_tasks(model, tokenizer, tasks: list) -> dict:
-    """eval/{task}/acc and acc_norm (every rank runs it: FSDP forwards are collective)."""
+    """eval/{task}/acc, acc_norm and their standard errors (every rank runs it: FSDP forwards are collective)."""
     from eval import evaluate
     results = evaluate(model, tokenizer, tasks=tasks, progress=False)["results"]
     return {f"eval/{task}/{name}": scores[name] for task, scores in results.items()

@@ -256,6 +256,17 @@ def _segments_meet(SEG_AMIN, SEG_AMAX, a_index, SEG_BMIN, SEG_BMAX, b_index):
 
 
 @triton.jit
+def _load_kv_block(K_head, V_head, start_n, stride_kt, stride_vt, tk, offs_d, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Key positions [start_n, start_n + BLOCK_N) and their K, V rows [BLOCK_N, BLOCK_D]; zeros past Tk and D."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n[:, None] < tk) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K_head + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_head + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    return offs_n, k, v
+
+
+@triton.jit
 def _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX,
                q_block, k_block0, start, stop, stride_kt, stride_vt, tk, window, qk_scale, offs_d,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -266,10 +277,8 @@ def _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN
         if HAS_SEGMENTS:
             meet = _segments_meet(SEG_QMIN, SEG_QMAX, q_block, SEG_KMIN, SEG_KMAX, k_block0 + start_n // BLOCK_N)
         if meet:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < tk) & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(K_head + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
-            v = tl.load(V_head + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+            offs_n, k, v = _load_kv_block(K_head, V_head, start_n, stride_kt, stride_vt, tk, offs_d, HEAD_DIM,
+                                          BLOCK_N)  # k, v [BN, BD]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
             if MASKED or HAS_SEGMENTS:
                 seg_k = 0
@@ -485,10 +494,8 @@ def _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, SEG_
         if HAS_SEGMENTS:
             meet = _segments_meet(SEG_QMIN, SEG_QMAX, q_block, SEG_KMIN, SEG_KMAX, k_block0 + start_n // BLOCK_N)
         if meet:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < tk) & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(K_head + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
-            v = tl.load(V_head + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+            offs_n, k, v = _load_kv_block(K_head, V_head, start_n, stride_kt, stride_vt, tk, offs_d, HEAD_DIM,
+                                          BLOCK_N)  # k, v [BN, BD]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
             p = tl.exp2(s - lse[:, None])
             if MASKED or HAS_SEGMENTS:
