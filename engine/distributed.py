@@ -118,6 +118,7 @@ def shard(model: Transformer, compute: torch.dtype, activation_checkpointing: bo
         if activation_checkpointing:
             from torch.distributed._composable import checkpoint
             checkpoint(block)
+            block.rebuild_activations = False  # the whole block is recomputed anyway
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model

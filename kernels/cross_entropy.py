@@ -2,13 +2,13 @@
 
 For a chunk of C tokens: logits = h W^T [C, V] (a matmul), then per row (fp32)
     lse  = log sum_v exp(logits_v)        loss = lse - logits_label
-    grad = softmax(logits) - onehot(label)   (zero on ignored rows), written over the logits in place (the torch
-                                             path writes it over its fp32 log-softmax instead)
+    grad = softmax(logits) - onehot(label)   (zero on ignored rows), written over the logits in place (on the torch
+                                             path too, for fp32 logits)
 and dh = grad W [C, H], dW += grad^T h (fp32 accumulator). With reduction "mean" or "sum" the whole gradient is
 done in the forward, so the backward only scales dh and dW by grad_output (/ number of labelled tokens for
 "mean"). With "none" (per-token losses = minus the log-probs DPO sums) each token's gradient is weighted by its own
 grad_output, known only in the backward, so the backward recomputes the chunks' logits with those weights.
-Peak extra memory: one [C, V] chunk (two on the torch path) + dh [N, H] + dW [V, H] fp32, instead of several
+Peak extra memory: one [C, V] chunk (plus its fp32 copy for 16-bit logits on the torch path) + dh [N, H] + dW [V, H] fp32, instead of several
 [N, V] tensors.
 FLOPs: 2 N H V for the logits, 2 N H V each for dh and dW; the row kernel reads the chunk twice, writes it once.
 """
@@ -73,14 +73,17 @@ def cross_entropy_rows_triton(logits, labels, loss, row_scale, ignore_index, wri
 
 
 def cross_entropy_rows_torch(logits, labels, loss, row_scale, ignore_index, write_grad):
-    """The same contract as cross_entropy_rows_triton, in torch: one fused log_softmax, its exp as the softmax."""
+    """The same contract as cross_entropy_rows_triton, in torch: the log-sum-exp of each row, then the softmax
+    written over the (fp32) logits in place, so a chunk never has a second [C, V] buffer."""
     valid = labels != ignore_index  # [C]
     safe_labels = torch.where(valid, labels, 0)[:, None]  # [C, 1]
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [C, V] fp32
-    loss.copy_(torch.where(valid, -log_probs.gather(1, safe_labels)[:, 0], 0.0))
+    dtype = logits.dtype
+    logits = logits.float()  # [C, V] fp32 (the same tensor when the logits are fp32)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [C, 1]
+    loss.copy_(torch.where(valid, (lse - logits.gather(1, safe_labels))[:, 0], 0.0))
     if not write_grad:
         return None
-    grad = log_probs.exp_()  # softmax, in place
+    grad = logits.sub_(lse).exp_()  # softmax, in place
     grad.scatter_add_(1, safe_labels, torch.full_like(loss, -1.0)[:, None])
     if row_scale is not None:
         grad.mul_((valid * row_scale.float())[:, None])
@@ -88,7 +91,7 @@ def cross_entropy_rows_torch(logits, labels, loss, row_scale, ignore_index, writ
         ignored = (~valid).nonzero()[:, 0]
         if ignored.numel():
             grad.index_fill_(0, ignored, 0.0)
-    return grad.to(logits.dtype)
+    return grad.to(dtype)
 
 
 def _chunked_linear_cross_entropy(hidden, weight, labels, ignore_index, chunk, rows_fn, row_scale=None,

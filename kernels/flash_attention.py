@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .rebuild import rebuild_in_backward
+
 
 class AttentionInputError(ValueError):
     """Bad shapes or arguments passed to attention."""
@@ -142,7 +144,7 @@ def attention_torch(q, k, v, causal=True, sliding_window=None, segment_ids=None,
     if runs is None:
         return _sdpa_unsegmented(q, k, v, causal, window, scale)
     first_query = tk - tq  # key position of query row 0
-    rows = []
+    pieces = []  # per document, SDPA's output seen as [1, t, Hq, D] (contiguous: SDPA follows q's [B, T, H, D] layout)
     # Rows stay 4-D ([1, H, T, D]): with 3-D inputs SDPA falls back to the math backend (T x T probabilities).
     for q_row, k_row, v_row, lengths in zip(q.split(1), k.split(1), v.split(1), runs):
         # A document [s, e) of keys owns the query rows at key positions [max(s, first_query), e).
@@ -152,14 +154,21 @@ def attention_torch(q, k, v, causal=True, sliding_window=None, segment_ids=None,
             key_lengths.append(length)
             query_lengths.append(max(0, end - max(start, first_query)))
             start = end
-        outs = []
         for q_doc, k_doc, v_doc in zip(q_row.split(query_lengths, dim=2), k_row.split(key_lengths, dim=2),
                                        v_row.split(key_lengths, dim=2)):
             if q_doc.shape[2] > 0:
                 doc_window = _effective_window(window, k_doc.shape[2])
-                outs.append(_sdpa_unsegmented(q_doc, k_doc, v_doc, causal, doc_window, scale))  # [1, Hq, t, D]
-        rows.append(torch.cat(outs, dim=2))
-    return torch.cat(rows)  # [B, Hq, Tq, D]
+                out = _sdpa_unsegmented(q_doc, k_doc, v_doc, causal, doc_window, scale)  # [1, Hq, t, D]
+                pieces.append(out.transpose(1, 2))  # [1, t, Hq, D]
+    # [B, Tq, Hq, D], so the o_proj input is a view of it. SDPA keeps the pieces for its backward: whoever saves
+    # this concatenation (o_proj) keeps the recipe instead (kernels/rebuild.py).
+    joined = rebuild_in_backward(_join_pieces(pieces, q.shape[0], tq), _join_pieces, pieces, q.shape[0], tq)
+    return joined.transpose(1, 2)  # [B, Hq, Tq, D]
+
+
+def _join_pieces(pieces, b, tq):
+    """Per-document [1, t, H, D] outputs, rows in order -> [B, Tq, H, D]."""
+    return torch.cat(pieces, dim=1).view(b, tq, *pieces[0].shape[2:])
 
 
 # ---------------------------------------------------------------------------------------------------------------

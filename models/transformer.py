@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import kernels
 from .config import ModelConfig
+from kernels.rebuild import rebuild_in_backward, rebuild_scope
 
 
 class Linear(nn.Module):
@@ -56,7 +57,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)
+        """x [..., dim] -> normalized [..., dim]; rebuilt from x in the backward when the next op saves it."""
+        return rebuild_in_backward(kernels.rms_norm(x, self.weight, self.eps), kernels.rms_norm, x, self.weight,
+                                   self.eps)
 
 
 class KVCache:
@@ -145,7 +148,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [B, T, intermediate]
+        hidden = rebuild_in_backward(kernels.swiglu(gate, up), kernels.swiglu, gate, up)  # down_proj keeps no copy
+        return self.down_proj(hidden)
 
 
 class Block(nn.Module):
@@ -156,10 +161,12 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.rebuild_activations = True  # kernels/rebuild.py; off under activation checkpointing
 
     def forward(self, x, cos, sin, segment_ids=None, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv_cache, self.layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        with rebuild_scope(self.rebuild_activations):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv_cache, self.layer_idx)
+            return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
