@@ -1,17 +1,20 @@
 """CPT training throughput and peak memory: the engine vs transformers + peft on the same workload.
 
-    python benchmarks/train_throughput.py [--rounds 2] [--steps 3] [--warmup 1] [--profile engine|hf]
+    python benchmarks/train_throughput.py [--rounds 2] [--steps 3] [--warmup 1] [--profile engine|engine_heap|hf]
 
 Workload (issue 4): SmolLM2-135M-Instruct, fp32, 2 threads, LoRA rank 16 (alpha 32) on every linear layer of every
 block, AdamW on the adapters, rows of 512 tokens from MedQuAD answers ([bos] answer [eos] packed), 4 rows per step.
   engine: models.load_model + models.lora.add_lora, engine.losses.token_cross_entropy (packed documents: segment ids,
-          no loss across a document boundary), loss.backward(), AdamW step.
+          no loss across a document boundary) in engine.host_memory.mmapped_forward as engine/trainer.py runs
+          it, loss.backward(), AdamW step.
+  engine_heap: the same with mmap_activations=false (every allocation from glibc's heap, as the hf side).
   hf:     transformers LlamaForCausalLM from the same HF dir + peft LoraConfig(r=16, all linear), the standard
           `model(input_ids, labels=input_ids).loss`, loss.backward(), AdamW step.
 Each side runs in its own subprocess (so ru_maxrss is that side's peak resident set), the sides alternate for
 `--rounds` rounds (the CPU may be shared: compare the ratios), and each subprocess times `--steps` steps after
 `--warmup` steps. The matmul-bound ceiling is measured in the same run: GFLOP/s of a 2048^3 fp32 matmul divided by
-the FLOPs per token of LoRA training computed from the model's shape.
+the FLOPs per token of LoRA training computed from the model's shape. Peak RSS is ru_maxrss after the warmup and
+timed steps: it grows over the first steps as the heap fragments, so more steps can only raise it.
 """
 from __future__ import annotations
 
@@ -99,7 +102,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 # one side, in its own process
 
 
-def engine_side(model_dir: Path):
+def engine_side(model_dir: Path, mmap_activations: bool = True):
+    from engine.host_memory import mmapped_forward
     from engine.losses import count_target_tokens, token_cross_entropy
     from models import load_model
     from models.lora import LoraConfig, add_lora
@@ -109,8 +113,9 @@ def engine_side(model_dir: Path):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def loss_fn(batch):
-        return token_cross_entropy(model, batch, count_target_tokens(batch["labels"]))
+    def loss_fn(batch):  # as engine/trainer.py runs the forward
+        with mmapped_forward("cpu", mmap_activations):
+            return token_cross_entropy(model, batch, count_target_tokens(batch["labels"]))
 
     return model, params, loss_fn
 
@@ -132,12 +137,16 @@ def hf_side(model_dir: Path):
     return model, params, loss_fn
 
 
+SIDES = {"engine": engine_side, "engine_heap": lambda model_dir: engine_side(model_dir, mmap_activations=False),
+         "hf": hf_side}
+
+
 def run_worker(side: str, model_dir: Path, data_file: Path, batch_size: int, warmup: int, steps: int,
                profile: bool, out_dir: Path | None) -> dict:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     data = torch.load(data_file, weights_only=True)
-    model, params, loss_fn = (engine_side if side == "engine" else hf_side)(model_dir)
+    model, params, loss_fn = SIDES[side](model_dir)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -209,10 +218,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="alternations engine, hf")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per worker")
-    parser.add_argument("--sides", default="engine,hf")
-    parser.add_argument("--profile", choices=["engine", "hf"], default=None,
+    parser.add_argument("--sides", default="engine,engine_heap,hf",
+                        help="engine_heap: the engine with mmap_activations=false (engine/host_memory.py)")
+    parser.add_argument("--profile", choices=list(SIDES), default=None,
                         help="profile the first timed step of that side (printed, not timed)")
-    parser.add_argument("--worker", choices=["engine", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -261,13 +271,13 @@ def main():
             "rss": max(r["peak_rss_kb"] for r in runs) / 2 ** 20,
             "load": max(r["rss_after_load_kb"] for r in runs) / 2 ** 20,
             "loss": runs[0]["losses"][0]}
-    header = (f"{'side':7} {'tokens/s':>8} {'per round':>17} {'CPU s/step':>10} {'matmul GF/s':>11} "
+    header = (f"{'side':11} {'tokens/s':>8} {'per round':>17} {'CPU s/step':>10} {'matmul GF/s':>11} "
               f"{'of ceiling':>10} {'peak RSS GB':>11} {'after load':>10} {'first loss':>10}")
     print(header)
     print("-" * len(header))
     for side, s in summary.items():
         per_round = "/".join(f"{x:.1f}" for x in s["rounds"])
-        print(f"{side:7} {s['tps']:8.1f} {per_round:>17} {s['cpu_s']:10.1f} {s['gflops']:11.1f} {s['ceiling']:10.2f} "
+        print(f"{side:11} {s['tps']:8.1f} {per_round:>17} {s['cpu_s']:10.1f} {s['gflops']:11.1f} {s['ceiling']:10.2f} "
               f"{s['rss']:11.2f} {s['load']:10.2f} {s['loss']:10.4f}")
     if {"engine", "hf"} <= summary.keys():
         speed = summary["engine"]["tps"] / summary["hf"]["tps"]

@@ -22,6 +22,7 @@ import kernels
 from engine import checkpointing, distributed, faults
 from engine.config import TrainConfig
 from engine.data import IGNORE_INDEX, build_dataset
+from engine.host_memory import mmapped_forward
 from engine.losses import dpo_logps, dpo_loss
 from engine.losses import token_cross_entropy
 from engine.metrics import MetricsLog, peak_memory_mb, plot_loss_curve, write_run_info
@@ -112,11 +113,13 @@ def train(cfg: TrainConfig) -> dict:
             if reference_logps is not None:
                 batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference_logps[micro_rows].to(env.device).T
             model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            with mmapped_forward(env.device, cfg.mmap_activations):
+                if cfg.stage == "dpo":
+                    loss, dpo_metrics = dpo_micro_loss(model, batch, num_targets, reference, cfg)
+                else:
+                    loss = token_cross_entropy(model, batch, num_targets)
             if cfg.stage == "dpo":
-                loss, dpo_metrics = dpo_micro_loss(model, batch, num_targets, reference, cfg)
                 totals[2:] += torch.stack([dpo_metrics[name] for name in DPO_METRICS]).double().cpu()
-            else:
-                loss = token_cross_entropy(model, batch, num_targets)
             loss = faults.poison_loss(step, loss)
             (loss * env.world_size).backward()  # FSDP averages gradients over ranks; the loss is already global
             totals[0] += loss.detach().double().cpu()

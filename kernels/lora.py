@@ -173,13 +173,14 @@ def lora_linear_triton(x, weight, lora_a, lora_b, scale):
 
 
 class LoRALinearTorch(torch.autograd.Function):
-    """The reference's exact forward, summed in place; keeps x and xa = x A^T only, as the math needs."""
+    """The reference's forward, the adapter term added in place by addmm; keeps x and xa = x A^T only, as the math
+    needs."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale):
         xa = x @ lora_a.T  # [..., R]
         y = x @ weight.T  # [..., N]
-        y.add_((xa @ lora_b.T).mul_(scale))
+        y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), lora_b.T, alpha=scale)  # no [..., N] temporary
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.scale = scale
         return y

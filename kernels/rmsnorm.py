@@ -122,7 +122,8 @@ class RMSNormTorch(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-        y = weight * (x32 * rstd).to(x.dtype)
+        y = (x32 * rstd).to(x.dtype)  # [..., N]
+        y = y.mul_(weight) if weight.dtype == y.dtype else weight * y  # in place unless weight's dtype promotes
         ctx.save_for_backward(x, weight, rstd)
         return y
 

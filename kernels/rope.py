@@ -115,27 +115,39 @@ def apply_rope_triton(q, k, cos, sin):
     return RoPETriton.apply(q, k, cos, sin)
 
 
-def rotate_half_adjoint(g):
-    """The transpose of rotate_half: [g1, g2] -> [g2, -g1]."""
-    g1, g2 = g.chunk(2, dim=-1)
-    return torch.cat((g2, -g1), dim=-1)
+def rotate_torch(x, cos, sin, adjoint=False):
+    """x [B, H, T, D], cos/sin [B, 1, T, D] -> x cos + rotate_half(x) sin, or with adjoint=True its transpose
+    g cos + rotate_half^T(g sin), as one product and two in-place halves (no rotated copy, no concatenation):
+        forward  y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2
+        adjoint  y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1"""
+    half = x.shape[-1] // 2
+    out = x * cos
+    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    sin1, sin2 = sin[..., :half], sin[..., half:]
+    if adjoint:
+        out1.addcmul_(x2, sin2)
+        out2.addcmul_(x1, sin1, value=-1)
+    else:
+        out1.addcmul_(x2, sin1, value=-1)
+        out2.addcmul_(x1, sin2)
+    return out
 
 
 class RoPETorch(torch.autograd.Function):
-    """The reference's exact forward; the backward applies the transposed rotation with no saved activation."""
+    """The reference's math without its temporaries; the backward applies the transposed rotation and keeps no
+    activation."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return apply_rope_reference(q, k, cos, sin)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
+        return rotate_torch(q, cos, sin), rotate_torch(k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq_rot, dk_rot):
         cos, sin = ctx.saved_tensors
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
-        dq = (dq_rot * cos + rotate_half_adjoint(dq_rot * sin)).to(dq_rot.dtype)
-        dk = (dk_rot * cos + rotate_half_adjoint(dk_rot * sin)).to(dk_rot.dtype)
-        return dq, dk, None, None
+        return rotate_torch(dq_rot, cos, sin, adjoint=True), rotate_torch(dk_rot, cos, sin, adjoint=True), None, None
 
 
 def apply_rope_torch(q, k, cos, sin):

@@ -54,12 +54,15 @@ def test_only_q_used_downstream(side):
     assert_close64(dq, dq64, torch.float32, "dq")
 
 
-def test_torch_side_is_exact():
+def test_torch_side_matches_the_reference_to_rounding():
+    """The in-place halves may fuse a multiply-add the reference rounds twice: at most a few fp32 ulps apart."""
     q = torch.randn(2, 8, 33, 64, requires_grad=True)
     k = torch.randn(2, 2, 33, 64, requires_grad=True)
     cos, sin = model_cos_sin(2, 33, 64, torch.float32)
     for ours, theirs in zip(rope.apply_rope_torch(q, k, cos, sin), rope.apply_rope_reference(q, k, cos, sin)):
-        assert torch.equal(ours, theirs)
+        assert ours.shape == theirs.shape
+        error = (ours - theirs).abs().max().item()
+        assert error <= 4 * torch.finfo(torch.float32).eps * theirs.abs().max().item()
 
 
 @pytest.mark.parametrize("side", SIDES)
