@@ -120,7 +120,8 @@ class LoRALinearTriton(torch.autograd.Function):
         weight, lora_a, lora_b = weight.contiguous(), lora_a.contiguous(), lora_b.contiguous()
         m, k = x2.shape
         n, r = lora_b.shape
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        # [..., N], row-major as the kernel's [M, N]; returned as is (not a view), so a caller may add into it
+        y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
         xa = torch.empty(m, r, dtype=x.dtype, device=x.device)
         blocks, launch = _blocks(x, r)
         if m and n:
@@ -129,7 +130,7 @@ class LoRALinearTriton(torch.autograd.Function):
                                        **launch)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
         ctx.scale, ctx.lead = scale, lead
-        return y.view(*lead, n)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

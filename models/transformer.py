@@ -165,8 +165,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, segment_ids=None, kv_cache=None):
         with rebuild_scope(self.rebuild_activations):
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv_cache, self.layer_idx)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            # Residuals added into the projections' fresh outputs (no autograd node saves them): one buffer less.
+            x = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, kv_cache, self.layer_idx).add_(x)
+            return self.mlp(self.post_attention_layernorm(x)).add_(x)
 
 
 class Backbone(nn.Module):
