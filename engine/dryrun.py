@@ -146,16 +146,16 @@ def count_params(model) -> ParamCounts:
 def activation_elements_per_token(cfg: ModelConfig, lora: LoraConfig | None) -> int:
     """Tensors one block saves for its backward, in elements per token (fp32 counted as two bf16 elements).
 
-    RMSNorm keeps its input and rstd; the q/k/v projections share the normed input; flash attention keeps q, k, v
-    (after RoPE), its output and the log-sum-exp; o_proj keeps its own (transposed, contiguous) input; the MLP keeps
-    the normed input, gate and up (SwiGLU recomputed in the backward) and down_proj's input; each LoRA layer keeps
-    x A^T (and its dropped-out input when dropout > 0).
+    RMSNorm keeps its input and rstd; flash attention keeps q, k, v (after RoPE), its output and the log-sum-exp;
+    o_proj keeps its own (transposed, contiguous) input; the MLP keeps gate and up; each LoRA layer keeps x A^T (and
+    its dropped-out input when dropout > 0). The norm outputs and the SwiGLU output, which the projections after them
+    would keep, are rebuilt in the backward (kernels/rebuild.py).
     """
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     norms = 2 * (hidden + 2)
-    attention = hidden + q_dim + 2 * kv_dim + q_dim + 2 * cfg.num_heads + q_dim
-    mlp = hidden + 2 * inter + inter
+    attention = q_dim + 2 * kv_dim + q_dim + 2 * cfg.num_heads + q_dim
+    mlp = 2 * inter
     adapters = 0
     if lora is not None:
         in_features = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": q_dim,
