@@ -4,9 +4,11 @@ The problem, measured on the benchmark workload (SmolLM2-135M, LoRA, 4 x 512 tok
 1.5-13 MB activations of a step from its heap, and the heap fragments. Peak RSS grew from 3.5 GB in step 1 to 4.5 GB
 by step 5, while less than 0.3 GB of the heap was in use between steps.
 
-Inside `mmapped_forward()`, every allocation of FORWARD_MMAP_BYTES or more is its own mmap. So each activation kept
-for the backward goes back to the OS the moment the backward frees it. The backward's short-lived gradients keep
-reusing the heap (threshold HEAP_MMAP_BYTES, where glibc's own dynamic threshold settles on 64-bit).
+Inside `mmapped_forward()`, an allocation of FORWARD_MMAP_BYTES or more that the heap's free chunks cannot serve
+is its own mmap, not a heap extension (glibc consults the threshold only when the heap would have to grow). So the
+activations kept for the backward mostly go back to the OS the moment the backward frees them, and the heap's size
+is set by the backward's short-lived gradients, which keep reusing it (threshold HEAP_MMAP_BYTES, where glibc's own
+dynamic threshold settles on 64-bit).
 The price is fresh, zero-filled pages for every large forward allocation: measured on that workload, about 12% more
 CPU time per step for a 1.3 GB lower peak (benchmarks/train_throughput.py prints both sides: `engine`, `engine_heap`).
 """
