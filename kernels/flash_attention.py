@@ -144,7 +144,7 @@ def attention_torch(q, k, v, causal=True, sliding_window=None, segment_ids=None,
     if runs is None:
         return _sdpa_unsegmented(q, k, v, causal, window, scale)
     first_query = tk - tq  # key position of query row 0
-    pieces = []  # per document, SDPA's output seen as [1, t, Hq, D] (contiguous: SDPA follows q's [B, T, H, D] layout)
+    pieces = []  # per document, SDPA's output seen as [1, t, Hq, D] (SDPA follows the layout of q, [B, T, H, D] here)
     # Rows stay 4-D ([1, H, T, D]): with 3-D inputs SDPA falls back to the math backend (T x T probabilities).
     for q_row, k_row, v_row, lengths in zip(q.split(1), k.split(1), v.split(1), runs):
         # A document [s, e) of keys owns the query rows at key positions [max(s, first_query), e).
