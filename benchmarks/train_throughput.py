@@ -171,9 +171,10 @@ def run_worker(side: str, model_dir: Path, data_file: Path, batch_size: int, war
             cpu_times.append(time.process_time() - cpu_start)
     seq_len = data["input_ids"].shape[1]
     gflops = matmul_gflops(repeats=3)  # the CPU may be shared: the ceiling as this worker saw it
-    return {"side": side, "matmul_gflops": gflops, "step_s": times, "cpu_s": cpu_times, "tokens_per_s": batch_size * seq_len / statistics.median(times) if times
-            else None, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            "rss_after_load_kb": rss_after_load, "losses": losses}
+    tokens_per_s = batch_size * seq_len / statistics.median(times) if times else None
+    return {"side": side, "matmul_gflops": gflops, "step_s": times, "cpu_s": cpu_times, "tokens_per_s": tokens_per_s,
+            "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rss_after_load_kb": rss_after_load,
+            "losses": losses}
 
 
 def profile_step(step, index, side, out_dir):

@@ -116,10 +116,9 @@ def train(cfg: TrainConfig) -> dict:
             with mmapped_forward(env.device, cfg.mmap_activations):
                 if cfg.stage == "dpo":
                     loss, dpo_metrics = dpo_micro_loss(model, batch, num_targets, reference, cfg)
+                    totals[2:] += torch.stack([dpo_metrics[name] for name in DPO_METRICS]).double().cpu()
                 else:
                     loss = token_cross_entropy(model, batch, num_targets)
-            if cfg.stage == "dpo":
-                totals[2:] += torch.stack([dpo_metrics[name] for name in DPO_METRICS]).double().cpu()
             loss = faults.poison_loss(step, loss)
             (loss * env.world_size).backward()  # FSDP averages gradients over ranks; the loss is already global
             totals[0] += loss.detach().double().cpu()

@@ -8,8 +8,8 @@ and dh = grad W [C, H], dW += grad^T h (fp32 accumulator). With reduction "mean"
 done in the forward, so the backward only scales dh and dW by grad_output (/ number of labelled tokens for
 "mean"). With "none" (per-token losses = minus the log-probs DPO sums) each token's gradient is weighted by its own
 grad_output, known only in the backward, so the backward recomputes the chunks' logits with those weights.
-Peak extra memory: one [C, V] chunk (plus its fp32 copy for 16-bit logits on the torch path) + dh [N, H] + dW [V, H] fp32, instead of several
-[N, V] tensors.
+Peak extra memory: one [C, V] chunk (plus its fp32 copy for 16-bit logits on the torch path) + dh [N, H] + dW [V, H]
+fp32, instead of several [N, V] tensors.
 FLOPs: 2 N H V for the logits, 2 N H V each for dh and dW; the row kernel reads the chunk twice, writes it once.
 """
 import torch
