@@ -11,8 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -22,7 +20,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import torch  # noqa: E402
 
-from kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope  # noqa: E402
+from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 

@@ -23,14 +23,14 @@ BATCH, SEQ, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, RANK = 4, 512, 576,
 
 
 def _rope_tables():
-    from models.transformer import rope_cos_sin
+    from hippocrates.models.transformer import rope_cos_sin
     positions = torch.arange(SEQ).expand(BATCH, SEQ)
     return rope_cos_sin(positions, HEAD_DIM, 100000.0, torch.float32)
 
 
 def _case(op: str, side: str):
     """(inputs, fn, tensors to differentiate and not to count as saved) for one op and side."""
-    from kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
+    from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
     pick = lambda module, name: getattr(module, f"{name}_{side}")  # noqa: E731
     tokens = BATCH * SEQ
     if op == "rmsnorm":
@@ -73,9 +73,9 @@ STEP_LAYERS = 4
 def _model_step_case(side):
     """A LoRA training step (loss through the fused LM head) of SmolLM2-135M cut to STEP_LAYERS layers."""
     import kernels
-    from models.config import PRESETS
-    from models.lora import LoraConfig, add_lora
-    from models.transformer import Transformer
+    from hippocrates.models.config import PRESETS
+    from hippocrates.models.lora import LoraConfig, add_lora
+    from hippocrates.models.transformer import Transformer
     model = Transformer(PRESETS["smollm2-135m"].replace(num_layers=STEP_LAYERS)).init_weights(seed=0)
     add_lora(model, LoraConfig(rank=RANK, alpha=32.0), seed=0)
     input_ids = torch.randint(0, VOCAB, (BATCH, SEQ))
@@ -94,7 +94,7 @@ def _references_as_torch_paths(active: bool):
 
     Autograd keeps the functions it recorded, so the backward after the block still runs the reference's graph.
     """
-    from kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
+    from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
     names = [(rmsnorm, "rms_norm"), (activation, "swiglu"), (rope, "apply_rope"), (lora, "lora_linear"),
              (flash_attention, "attention"), (cross_entropy, "fused_linear_cross_entropy")]
     saved = {(module, name): getattr(module, f"{name}_torch") for module, name in names}

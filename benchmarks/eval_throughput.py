@@ -22,11 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from eval import evaluate, load_task  # noqa: E402
-from eval.tasks import build_request  # noqa: E402
-from models import load_model, load_tokenizer  # noqa: E402
+from hippocrates.eval import evaluate, load_task  # noqa: E402
+from hippocrates.eval.tasks import build_request  # noqa: E402
+from hippocrates.models import load_model, load_tokenizer  # noqa: E402
 
 TARGETS = {"letter": 1.3, "text": 3.0}
 LETTER_OPTIONS = "A. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\n"
@@ -106,7 +104,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from models.fetch import fetch_smollm2
+        from hippocrates.models.fetch import fetch_smollm2
         args.model = str(fetch_smollm2())
 
     from lm_eval.models.huggingface import HFLM

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
+from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
 
 MODELS = {
     # name: (hidden, intermediate, q heads, kv heads, head dim, vocab, sliding window)

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 THREADS = 2
 LORA_RANK, LORA_ALPHA = 16, 32.0
@@ -49,8 +48,8 @@ def pack_medquad(model_dir: Path, rows: int, seq_len: int) -> dict[str, torch.Te
     input_ids [rows, T]; labels [rows, T] (next token, -100 where the next token is another document's or past the
     row); segment_ids [rows, T] (one id per document piece in a row).
     """
-    from models import load_tokenizer
-    from models.paths import data_dir
+    from hippocrates.models import load_tokenizer
+    from hippocrates.models.paths import data_dir
 
     tokenizer = load_tokenizer(model_dir)
     need = rows * seq_len
@@ -103,10 +102,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def engine_side(model_dir: Path, mmap_activations: bool = True):
-    from engine.host_memory import mmapped_forward
-    from engine.losses import count_target_tokens, token_cross_entropy
-    from models import load_model
-    from models.lora import LoraConfig, add_lora
+    from hippocrates.engine.host_memory import mmapped_forward
+    from hippocrates.engine.losses import count_target_tokens, token_cross_entropy
+    from hippocrates.models import load_model
+    from hippocrates.models.lora import LoraConfig, add_lora
 
     model = load_model(model_dir, dtype=torch.float32)
     add_lora(model, LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, target_modules=TARGETS), seed=0)
@@ -234,11 +233,11 @@ def main():
         return
 
     from tqdm import tqdm
-    from models.config import ModelConfig
+    from hippocrates.models.config import ModelConfig
 
     torch.set_num_threads(THREADS)
     if args.model is None:
-        from models.fetch import fetch_smollm2
+        from hippocrates.models.fetch import fetch_smollm2
         args.model = fetch_smollm2()
     model_dir = Path(args.model)
     config = ModelConfig.from_file(model_dir / "config.json")

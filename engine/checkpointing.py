@@ -25,8 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from engine import faults
-from engine.distributed import DistEnv, gather_full_state
+from hippocrates.engine import faults
+from hippocrates.engine.distributed import DistEnv, gather_full_state
 
 META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -159,8 +159,8 @@ def _fsync_dir(path: Path):
 
 def export_final(model, out_dir: str | Path, lora, tokenizer, base_model: str, env: DistEnv):
     """out_dir/final/ (HF safetensors, adapters merged) and, with LoRA, out_dir/adapter/ (PEFT). A collective."""
-    from models import build_model, save_pretrained
-    from models.lora import add_lora, peft_state_dict, save_peft_adapter
+    from hippocrates.models import build_model, save_pretrained
+    from hippocrates.models.lora import add_lora, peft_state_dict, save_peft_adapter
 
     full_state = gather_full_state(model)
     if env.is_main:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from engine.data import DataConfig
-from models.lora import LoraConfig
+from hippocrates.engine.data import DataConfig
+from hippocrates.models.lora import LoraConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "train" / "configs"
 STAGES = ("cpt", "sft", "dpo")

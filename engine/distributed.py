@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from models import ModelConfig, Transformer, build_model, load_model
-from models.lora import LoraConfig, add_lora, lora_layers
+from hippocrates.models import ModelConfig, Transformer, build_model, load_model
+from hippocrates.models.lora import LoraConfig, add_lora, lora_layers
 
 
 @dataclass

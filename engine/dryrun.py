@@ -1,6 +1,6 @@
 """Dry run of a training recipe on the meta device: shapes, parameter counts, the FSDP2 plan, memory per GPU.
 
-    python -m engine.dryrun --config train/configs/cpt_llama2_7b.yaml [--gpus 8] [key=value ...]
+    python -m hippocrates.engine.dryrun --config train/configs/cpt_llama2_7b.yaml [--gpus 8] [key=value ...]
 
 Nothing is allocated: the model is built on the meta device, LoRA is attached, and `fully_shard` is applied to every
 block and the root under a fake process group of `--gpus` ranks, so the printed shard shapes are FSDP2's own.
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from engine.config import flatten, read_yaml_mapping
-from models.config import PRESETS, ModelConfig
-from models.lora import ALL_LINEAR, LoraConfig, add_lora
+from hippocrates.engine.config import flatten, read_yaml_mapping
+from hippocrates.models.config import PRESETS, ModelConfig
+from hippocrates.models.lora import ALL_LINEAR, LoraConfig, add_lora
 
 GIB = 1024 ** 3
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "train" / "configs"
@@ -108,7 +108,7 @@ def int_key(config: dict, key: str, default: int) -> int:
 
 def meta_model(config: dict):
     """The recipe's model on the meta device (bf16 base, fp32 adapters), LoRA attached as in training."""
-    from models.checkpoint import build_model
+    from hippocrates.models.checkpoint import build_model
     model = build_model(model_config(config), dtype=torch.bfloat16, device="meta")
     lora = lora_config(config)
     if lora is not None:
@@ -240,7 +240,7 @@ def fsdp_plan(config: dict, world_size: int) -> list[tuple[str, int, int, str]]:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from engine.distributed import shard
+    from hippocrates.engine.distributed import shard
 
     model = meta_model(config)
     owned_before = {f"model.layers.{i}": block for i, block in enumerate(model.model.layers)}

@@ -2,15 +2,15 @@
 
 Labels are already shifted by the data pipeline: labels[:, t] is the target of the prediction made at position t,
 and -100 marks positions without loss. No [B, T, vocab] logits are kept: the LM head and the cross-entropy run
-together in `kernels.fused_linear_cross_entropy`.
+together in `ops.fused_linear_cross_entropy`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-import kernels
-from models.lora import adapters_disabled, lora_layers
+from hippocrates.kernels import ops
+from hippocrates.models.lora import adapters_disabled, lora_layers
 
 IGNORE_INDEX = -100
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -29,7 +29,7 @@ def token_cross_entropy(model, batch: dict[str, torch.Tensor], num_target_tokens
     target token gives 0 (not NaN).
     """
     hidden = model(batch["input_ids"], segment_ids=batch.get("segment_ids"), return_hidden=True)  # [B, T, H]
-    loss_sum = kernels.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight,
+    loss_sum = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight,
                                                   batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
                                                   reduction="sum")
     if isinstance(num_target_tokens, torch.Tensor):
@@ -40,7 +40,7 @@ def token_cross_entropy(model, batch: dict[str, torch.Tensor], num_target_tokens
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """input_ids, labels [B, T] -> [B]: the summed log-probability of each row's label tokens (-100 skipped)."""
     hidden = model(input_ids, return_hidden=True)  # [B, T, H]
-    token_nll = kernels.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight, labels.flatten(),
+    token_nll = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight, labels.flatten(),
                                                    ignore_index=IGNORE_INDEX, reduction="none")  # [B * T]
     return -token_nll.view(labels.shape).sum(dim=-1)
 

@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import kernels
-from engine import checkpointing, distributed, faults
-from engine.config import TrainConfig
-from engine.data import IGNORE_INDEX, build_dataset
-from engine.host_memory import mmapped_forward
-from engine.losses import dpo_logps, dpo_loss
-from engine.losses import token_cross_entropy
-from engine.metrics import MetricsLog, peak_memory_mb, plot_loss_curve, write_run_info
-from engine.schedule import learning_rate
+from hippocrates.kernels import ops
+from hippocrates.engine import checkpointing, distributed, faults
+from hippocrates.engine.config import TrainConfig
+from hippocrates.engine.data import IGNORE_INDEX, build_dataset
+from hippocrates.engine.host_memory import mmapped_forward
+from hippocrates.engine.losses import dpo_logps, dpo_loss
+from hippocrates.engine.losses import token_cross_entropy
+from hippocrates.engine.metrics import MetricsLog, peak_memory_mb, plot_loss_curve, write_run_info
+from hippocrates.engine.schedule import learning_rate
 
 log = logging.getLogger("hippocrates")
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -46,7 +46,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- model, tokenizer and data
     model_path = distributed.broadcast_object(resolve_model_path(cfg.model) if env.is_main else None, env)
-    from models import load_tokenizer
+    from hippocrates.models import load_tokenizer
     tokenizer = load_tokenizer(model_path)
     train_set = rank0_first(lambda: build_dataset(cfg.stage, cfg.data, tokenizer, cfg.seq_len), env)
     held_out = None
@@ -205,9 +205,9 @@ class StopRequest:
 
 def resolve_model_path(model: str) -> str:
     if model == "smollm2":
-        from models.fetch import fetch_smollm2
+        from hippocrates.models.fetch import fetch_smollm2
         return str(fetch_smollm2())
-    from models import PRESETS
+    from hippocrates.models import PRESETS
     if model in PRESETS:
         raise checkpointing.CheckpointMismatchError(
             f"model={model!r} is an architecture preset without weights (for engine.dryrun); training needs a "
@@ -283,7 +283,7 @@ def forward_every_row(dataset, per_row, batch_size: int, env, width: int) -> tor
 
 def precompute_reference_logps(model, reference, dataset, batch_size: int, env) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of every training pair, in one pass before training."""
-    from engine.losses import reference_logps
+    from hippocrates.engine.losses import reference_logps
     model.eval()
     logps = forward_every_row(dataset, lambda b: torch.stack(reference_logps(model, b, reference), dim=1),
                               batch_size, env, width=2)
@@ -304,7 +304,7 @@ def evaluate_held_out(model, reference, dataset, cfg: TrainConfig, env) -> dict:
     else:
         def per_row(batch):
             hidden = model(batch["input_ids"], segment_ids=batch.get("segment_ids"), return_hidden=True)
-            nll = kernels.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight,
+            nll = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), model.output_weight,
                                                      batch["labels"].flatten(), reduction="none")
             nll = nll.view(batch["labels"].shape).sum(dim=1)  # [B]
             return torch.stack([nll, (batch["labels"] != IGNORE_INDEX).sum(dim=1).to(nll.dtype)], dim=1)
@@ -316,13 +316,13 @@ def evaluate_held_out(model, reference, dataset, cfg: TrainConfig, env) -> dict:
 
 def load_eval_tasks(cfg: TrainConfig) -> list:
     """The multiple-choice tasks scored every `eval.every` steps, read and checked once before training."""
-    from eval import load_task
+    from hippocrates.eval import load_task
     return [load_task(name, limit=cfg.eval.limit) for name in cfg.eval.tasks]
 
 
 def run_eval_tasks(model, tokenizer, tasks: list) -> dict:
     """eval/{task}/acc, acc_norm and their standard errors (every rank runs it: FSDP forwards are collective)."""
-    from eval import evaluate
+    from hippocrates.eval import evaluate
     results = evaluate(model, tokenizer, tasks=tasks, progress=False)["results"]
     return {f"eval/{task}/{name}": scores[name] for task, scores in results.items()
             for name in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr") if name in scores}

@@ -1,4 +1,4 @@
-"""python -m eval.compare RUN_A RUN_B: the two runs' metrics side by side, with B - A and its standard error.
+"""python -m hippocrates.eval.compare RUN_A RUN_B: the two runs' metrics side by side, with B - A and its standard error.
 
 A run is an --out dir of eval.run (or its results.json). When both dirs hold samples.jsonl with the same item ids,
 the standard error of the difference is the paired one (std of per-item B - A over sqrt(n)); otherwise it is
@@ -83,7 +83,7 @@ def _pct(r, metric) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hippocrates.eval.compare", description=__doc__.splitlines()[0])
     parser.add_argument("run_a")
     parser.add_argument("run_b")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""`evaluate`: score an in-memory model on tasks; what `python -m eval.run` and the trainer call."""
+"""`evaluate`: score an in-memory model on tasks; what `python -m hippocrates.eval.run` and the trainer call."""
 from __future__ import annotations
 
 import time

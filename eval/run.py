@@ -1,4 +1,4 @@
-"""python -m eval.run --model PATH --tasks medqa,medmcqa,pubmedqa [--scoring letter|text] [--num-fewshot K] ...
+"""python -m hippocrates.eval.run --model PATH --tasks medqa,medmcqa,pubmedqa [--scoring letter|text] [--num-fewshot K] ...
 
 `--model`: a Hugging Face checkpoint dir, a .gguf file, or a training run's out_dir (its final/).
 `--tasks`: built-in names and/or task spec files (.yaml / .json), comma-separated.
@@ -18,7 +18,7 @@ from .tasks import PROTOCOLS, load_task
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hippocrates.eval.run", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--tasks", default="medqa,medmcqa,pubmedqa")
     parser.add_argument("--data-dir", default=None,
@@ -43,7 +43,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from models import load_model, load_tokenizer
+        from hippocrates.models import load_model, load_tokenizer
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         tasks = [load_task(name.strip(), data_dir=args.data_dir, limit=args.limit)

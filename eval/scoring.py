@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import KVCache
+from hippocrates.models import KVCache
 
 from .records import EvalError
 

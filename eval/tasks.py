@@ -273,7 +273,7 @@ def _check_template(spec: TaskSpec, protocol: str, fmt: PromptFormat, item: Item
 
 
 def _default_data_dir() -> Path | None:
-    from models.paths import data_dir
+    from hippocrates.models.paths import data_dir
     try:
         return data_dir()
     except FileNotFoundError:

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import cross_entropy as ce
-from kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
+from hippocrates.kernels import cross_entropy as ce
+from hippocrates.kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
                               saved_bytes)
 
 SIDES = {"triton": ce.fused_linear_cross_entropy_triton, "torch": ce.fused_linear_cross_entropy_torch}

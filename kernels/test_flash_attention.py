@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 
-import kernels
-from kernels import flash_attention as fa
+from hippocrates.kernels import ops
+from hippocrates.kernels import flash_attention as fa
 
 TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (4e-2, 4e-2)}
 
@@ -243,7 +243,7 @@ def test_dispatch_forces_triton(monkeypatch):
     monkeypatch.setenv("HIPPO_KERNELS", "triton")
     (q, k, v, _), _ = make_inputs(1, 2, 1, 17, 17, 32, torch.float32, seed=23)
     expected = fa.attention_reference(q.double(), k.double(), v.double(), causal=True, sliding_window=8)
-    torch.testing.assert_close(kernels.attention(q, k, v, sliding_window=8).double(), expected,
+    torch.testing.assert_close(ops.attention(q, k, v, sliding_window=8).double(), expected,
                                atol=1e-5, rtol=1e-4)
 
 

@@ -3,10 +3,10 @@ op on the Triton side (the interpreter on CPU) as with every op on the torch sid
 import pytest
 import torch
 
-import kernels
-from models.config import ModelConfig
-from models.lora import LoraConfig, add_lora, lora_layers
-from models.transformer import Transformer
+from hippocrates.kernels import ops
+from hippocrates.models.config import ModelConfig
+from hippocrates.models.lora import LoraConfig, add_lora, lora_layers
+from hippocrates.models.transformer import Transformer
 
 TINY = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=2, num_kv_heads=1,
                    head_dim=32, max_position_embeddings=64)
@@ -49,7 +49,7 @@ def step(model, input_ids, segment_ids):
     hidden = model(input_ids, segment_ids=segment_ids, return_hidden=True)  # [B, T, H]
     labels = input_ids[:, 1:].clone()
     labels[:, :3] = -100  # a masked prompt
-    loss = kernels.fused_linear_cross_entropy(hidden[:, :-1], model.output_weight, labels)
+    loss = ops.fused_linear_cross_entropy(hidden[:, :-1], model.output_weight, labels)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 

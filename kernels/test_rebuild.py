@@ -5,8 +5,8 @@ import weakref
 import pytest
 import torch
 
-from kernels import rebuild
-from kernels.test_model_step import TINY, build, step
+from hippocrates.kernels import rebuild
+from hippocrates.kernels.test_model_step import TINY, build, step
 
 
 def set_rebuild(model, enabled):

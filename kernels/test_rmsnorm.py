@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import rmsnorm
-from kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
+from hippocrates.kernels import rmsnorm
+from hippocrates.kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
                               saved_bytes)
 
 SIDES = {"triton": rmsnorm.rms_norm_triton, "torch": rmsnorm.rms_norm_torch}

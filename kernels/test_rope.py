@@ -2,15 +2,15 @@
 import pytest
 import torch
 
-from kernels import rope
-from kernels._testing import as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned  # noqa: F401
+from hippocrates.kernels import rope
+from hippocrates.kernels._testing import as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned  # noqa: F401
 
 SIDES = {"triton": rope.apply_rope_triton, "torch": rope.apply_rope_torch}
 
 
 def model_cos_sin(b, t, d, dtype):
     """Real rotary tables (random positions), as the model builds them."""
-    from models.transformer import rope_cos_sin
+    from hippocrates.models.transformer import rope_cos_sin
     positions = torch.randint(0, 500, (b, t), device=device())
     return rope_cos_sin(positions, d, 10000.0, dtype)
 

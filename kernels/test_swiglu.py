@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import activation
-from kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
+from hippocrates.kernels import activation
+from hippocrates.kernels._testing import (as_float64_leaves, assert_close64, device, dtypes_to_test, poisoned,  # noqa: F401
                               saved_bytes)
 
 SIDES = {"triton": activation.swiglu_triton, "torch": activation.swiglu_torch}

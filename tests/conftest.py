@@ -7,11 +7,11 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def data_dir():
-    from models.paths import data_dir as find
+    from hippocrates.models.paths import data_dir as find
     return find()
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from models.fetch import fetch_smollm2
+    from hippocrates.models.fetch import fetch_smollm2
     return fetch_smollm2()

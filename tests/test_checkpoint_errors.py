@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import CheckpointError, ModelConfig, Transformer, load_model, save_pretrained
+from hippocrates.models import CheckpointError, ModelConfig, Transformer, load_model, save_pretrained
 
 CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
 TENSOR = "model.layers.1.self_attn.k_proj.weight"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data import (DEFAULT_CPT_DATA, DEFAULT_DPO_DATA, DEFAULT_SFT_DATA, DataConfig, DataError, RowDataset,
+from hippocrates.engine.data import (DEFAULT_CPT_DATA, DEFAULT_DPO_DATA, DEFAULT_SFT_DATA, DataConfig, DataError, RowDataset,
                          build_dataset)
-from models import load_tokenizer
+from hippocrates.models import load_tokenizer
 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.\n\n"

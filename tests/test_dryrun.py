@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from engine.dryrun import DryRunError, estimate_memory, fsdp_plan, main, read_config
-from models.config import PRESETS
+from hippocrates.engine.dryrun import DryRunError, estimate_memory, fsdp_plan, main, read_config
+from hippocrates.models.config import PRESETS
 
 
 def write_recipe(tmp_path, text, name="cpt_test.yaml"):

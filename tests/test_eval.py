@@ -6,14 +6,14 @@ import random
 import pytest
 import torch
 
-from eval import EvalError, evaluate, load_spec, load_task
-from eval.compare import main as compare_main
-from eval.report import write_outputs
-from eval.run import main as run_main
-from eval.scoring import (EncodedRequest, default_add_bos, encode_request, score_requests,
+from hippocrates.eval import EvalError, evaluate, load_spec, load_task
+from hippocrates.eval.compare import main as compare_main
+from hippocrates.eval.report import write_outputs
+from hippocrates.eval.run import main as run_main
+from hippocrates.eval.scoring import (EncodedRequest, default_add_bos, encode_request, score_requests,
                           score_requests_reference)
-from eval.tasks import build_request
-from models import ModelConfig, build_model, load_model, load_tokenizer
+from hippocrates.eval.tasks import build_request
+from hippocrates.models import ModelConfig, build_model, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

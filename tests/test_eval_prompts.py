@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from eval.tasks import Item, build_request, fewshot_examples, load_task
+from hippocrates.eval.tasks import Item, build_request, fewshot_examples, load_task
 
 MEDQA_996 = "The only immunoglobulin found as a dimer has what primary function?"
 MEDQA_996_OPTIONS = ("Protect against invasive helminth infection", "Protect against viral infections",

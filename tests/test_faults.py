@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from train_helpers import REPO, checkpoint_steps, cpt_args, launch, losses, make_tiny_model, records, run, run_env
+from hippocrates.tests.train_helpers import REPO, checkpoint_steps, cpt_args, launch, losses, make_tiny_model, records, run, run_env
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-from engine import host_memory
+from hippocrates.engine import host_memory
 
 CHECK = r'''
 import ctypes, torch
-from engine import host_memory
+from hippocrates.engine import host_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

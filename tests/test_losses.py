@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import (count_target_tokens, dpo_logps, dpo_loss, reference_logps, sequence_logps,
+from hippocrates.engine.losses import (count_target_tokens, dpo_logps, dpo_loss, reference_logps, sequence_logps,
                            token_cross_entropy)
-from models import ModelConfig, build_model
-from models.lora import LoraConfig, add_lora, adapters_disabled
+from hippocrates.models import ModelConfig, build_model
+from hippocrates.models.lora import LoraConfig, add_lora, adapters_disabled
 
 VOCAB, SEQ = 96, 24
 

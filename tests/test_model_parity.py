@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from models import PRESETS, KVCache, ModelConfig, Transformer, build_model, load_model, save_pretrained
+from hippocrates.models import PRESETS, KVCache, ModelConfig, Transformer, build_model, load_model, save_pretrained
 
 TOLERANCE = 1e-4
 

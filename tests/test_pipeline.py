@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from eval.tasks import build_request, load_spec, load_task
-from train.heldout import distinct_protocols, select_heldout
-from train.pipeline import PipelineError, load_pipeline_config, main
-from train.report import write_report
-from train.sft_data import normalize, benchmark_test_questions, write_eval_instructions
+from hippocrates.eval.tasks import build_request, load_spec, load_task
+from hippocrates.train.heldout import distinct_protocols, select_heldout
+from hippocrates.train.pipeline import PipelineError, load_pipeline_config, main
+from hippocrates.train.report import write_report
+from hippocrates.train.sft_data import normalize, benchmark_test_questions, write_eval_instructions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,8 +201,8 @@ def test_tiny_pipeline_second_run_skips_everything(tiny_run):
                                           ("pipeline_hippo_mistral.yaml", ["sft"])])
 def test_paper_scale_configs_resolve(tmp_path, name, stages):
     """Every stage config of the GPU recipes passes the trainer's own key check (engine.dryrun runs them in full:
-    python -m train.pipeline --config train/configs/NAME --dry-run)."""
-    from train.pipeline import ROOT, Pipeline
+    python -m hippocrates.train.pipeline --config train/configs/NAME --dry-run)."""
+    from hippocrates.train.pipeline import ROOT, Pipeline
     config = load_pipeline_config(str(ROOT / "train" / "configs" / name), [f"run_dir={tmp_path}"])
     pipeline = Pipeline(config)
     assert [s for s in ("cpt", "sft", "dpo") if s in config.stages] == stages and config.nproc == 8

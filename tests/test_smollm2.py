@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-import models.fetch as fetch
-from models import load_model, load_tokenizer
-from models.generate import generate, prompt_ids_for, sample_next
+import hippocrates.models.fetch as fetch
+from hippocrates.models import load_model, load_tokenizer
+from hippocrates.models.generate import generate, prompt_ids_for, sample_next
 
 TOLERANCE = 1e-4
 
@@ -134,13 +134,13 @@ def test_interrupted_conversion_leaves_nothing_half_written(tmp_path, monkeypatc
 
 
 def test_fetch_cli_prints_the_dir(smollm2_dir):
-    result = subprocess.run([sys.executable, "-m", "models.fetch", "smollm2"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "hippocrates.models.fetch", "smollm2"], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip().splitlines()[-1] == str(smollm2_dir)
 
 
 def test_generate_cli_streams_the_greedy_answer(smollm2_dir, ours, tokenizer, capsys):
-    from models.generate import main
+    from hippocrates.models.generate import main
     question = "What is hypertension?"
     main(["--model", str(smollm2_dir), "--prompt", question, "--chat", "--max-new-tokens", "6"])
     streamed = capsys.readouterr().out

@@ -6,8 +6,8 @@ import re
 import pytest
 import sentencepiece
 
-from models import load_tokenizer
-from models.tokenizer import ChatTemplateError, TokenizerError
+from hippocrates.models import load_tokenizer
+from hippocrates.models.tokenizer import ChatTemplateError, TokenizerError
 
 SENTENCEPIECE_FILES = ["llama2_tokenizer.model", "mistral_7b_v0.1_tokenizer.model"]
 EDGE_CASES = ["", " ", "  two leading spaces", "trailing  ", "a\n\n\tb", "x  2 and 3.14 mg/kg, 1/2 ½ ²", "Café naïve — 😀",
@@ -114,7 +114,7 @@ def test_chat_template_raise_exception_and_sandbox(sp_file):
 
 @pytest.fixture(scope="module")
 def smollm2_gguf():
-    from models.fetch import smollm2_gguf as find
+    from hippocrates.models.fetch import smollm2_gguf as find
     return find()
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from train_helpers import checkpoint_steps, cpt_args, losses, make_tiny_model, records, relative_diff, run, run_env
+from hippocrates.tests.train_helpers import checkpoint_steps, cpt_args, losses, make_tiny_model, records, relative_diff, run, run_env
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_two_ranks_give_the_losses_of_one_rank(tiny_model, tmp_path, lora_rank):
     worst = max(relative_diff(a[s], b[s]) for s in a)
     assert worst <= 1e-5, f"per-step losses differ by {worst:.2e} (relative): {a} vs {b}"
 
-    from models import load_model
+    from hippocrates.models import load_model
     final_one, final_two = load_model(one / "final"), load_model(two / "final")
     initial = load_model(tiny_model)
     moved = max((p1 - p0).abs().max().item() for p1, p0 in zip(final_one.parameters(), initial.parameters()))
@@ -93,7 +93,7 @@ def test_exported_adapter_loads_in_peft_with_the_engine_logits(tiny_model, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from models import load_model
+    from hippocrates.models import load_model
 
     out = tmp_path / "run"
     run("cpt", cpt_args(tiny_model, out, max_steps=4, lr=2e-2))
@@ -126,8 +126,8 @@ def test_short_dpo_run_on_the_default_model_wins_on_held_out_pairs(smollm2_dir, 
 
 def test_eval_every_scores_tasks_during_training_like_the_evaluator(tiny_model, tmp_path):
     """eval_every=3 on two ranks: the step-6 scores equal eval.evaluate on the exported final model."""
-    from eval import evaluate
-    from models import load_model, load_tokenizer
+    from hippocrates.eval import evaluate
+    from hippocrates.models import load_model, load_tokenizer
 
     out = tmp_path / "run"
     run("cpt", cpt_args(tiny_model, out, batch_size=1, eval_every=3, **{"eval.tasks": "[medqa,pubmedqa]",

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def make_tiny_model(out_dir: Path, data_dir: Path, seed: int = 0) -> Path:
     """A 2-layer LLaMA-shaped model (GQA, tied embeddings) with random weights + the real LLaMA-2 tokenizer."""
-    from models import ModelConfig, Transformer, load_tokenizer, save_pretrained
+    from hippocrates.models import ModelConfig, Transformer, load_tokenizer, save_pretrained
     tokenizer = load_tokenizer(data_dir / "tokenizers" / "llama2_tokenizer.model")
     config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, max_position_embeddings=256, tie_word_embeddings=True,

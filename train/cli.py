@@ -24,8 +24,8 @@ def main(stage: str, argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
 
-    from engine.config import load_config
-    from engine.trainer import NonFiniteError, train
+    from hippocrates.engine.config import load_config
+    from hippocrates.engine.trainer import NonFiniteError, train
     try:
         config = load_config(stage, args.config, args.overrides)
         train(config)

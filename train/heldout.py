@@ -3,7 +3,7 @@
 Every model of a run (the base model and each stage's output) is scored on the same items. The subset is written
 as eval/ task spec files (`eval/tasks.py`'s YAML format) whose `select_ids` names the chosen records, so
 
-    python -m eval.run --model M --tasks RUN/eval/tasks/medqa.yaml,RUN/eval/tasks/pubmedqa.yaml --scoring letter
+    python -m hippocrates.eval.run --model M --tasks RUN/eval/tasks/medqa.yaml,RUN/eval/tasks/pubmedqa.yaml --scoring letter
 
 scores exactly those items, whoever runs it. The items are drawn only from the evaluated split (MedQA test, MedMCQA
 dev, the 500 PubMedQA test PMIDs); the few-shot pool of a spec never holds an evaluated item.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from eval.tasks import FEWSHOT_REST, LETTERS, load_task, read_records, resolve_data_path, resolve_spec
+from hippocrates.eval.tasks import FEWSHOT_REST, LETTERS, load_task, read_records, resolve_data_path, resolve_spec
 
 
 def select_heldout(task_names: list[str], limits: dict[str, int | None], seed: int, data_dir: Path,

@@ -1,6 +1,6 @@
 """The Hippocrates recipe end to end: CPT -> SFT -> DPO -> evaluation -> report, one command.
 
-    python -m train.pipeline [--config FILE] [--stages cpt,sft,dpo,eval] [--dry-run] [key=value ...]
+    python -m hippocrates.train.pipeline [--config FILE] [--stages cpt,sft,dpo,eval] [--dry-run] [key=value ...]
 
 Config: the dataclass defaults below, then FILE (default: train/configs/pipeline.yaml, the 2-CPU-core recipe on
 SmolLM2-135M-Instruct), then `key=value` overrides with dotted keys (`cpt.max_steps=5`, `eval.limit.medqa=20`,
@@ -13,7 +13,7 @@ What each stage does (every stage is a subprocess: `python train/{stage}.py`, or
 - sft reads the data this pipeline writes to RUN_DIR/data/: general instructions and evaluation instructions made
   from the benchmarks' non-test splits in the evaluation's prompt format (train/sft_data.py).
 - eval scores the base model first and each finished stage right after it, on the same held-out items, a seeded
-  subset of each benchmark's test split (train/heldout.py), with `python -m eval.run`, once per distinct protocol.
+  subset of each benchmark's test split (train/heldout.py), with `python -m hippocrates.eval.run`, once per distinct protocol.
 - the report (train/report.py) is rewritten after each evaluation and at the end of every invocation, also a
   failed one: RUN_DIR/report.md, report.json, loss_curves.png, dpo_rewards.png.
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from engine.config import flatten, read_yaml, read_yaml_mapping
+from hippocrates.engine.config import flatten, read_yaml, read_yaml_mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "train" / "configs" / "pipeline.yaml"
@@ -76,7 +76,7 @@ class EvalSettings:
     limit: int | dict | None = None  # items per task (an int for all tasks, or task -> int); null: the whole split
     protocols: list = field(default_factory=lambda: ["letter", "text"])
     seed: int = 1234  # draws the held-out subset
-    args: list = field(default_factory=list)  # more `python -m eval.run` arguments, e.g. ["--batch-size", "4"]
+    args: list = field(default_factory=list)  # more `python -m hippocrates.eval.run` arguments, e.g. ["--batch-size", "4"]
 
 
 @dataclass
@@ -254,7 +254,6 @@ def subprocess_env(threads: int, data_dir: Path) -> dict:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads)
     env["HIPPO_DATA_DIR"] = str(data_dir)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("TRITON_INTERPRET", None)  # the CPU path is torch; the interpreter is a test-only switch
     return env
 
@@ -284,7 +283,7 @@ class Pipeline:
     def __init__(self, config: PipelineConfig):
         self.config = config
         self.run_dir = Path(config.run_dir).resolve()
-        from models.paths import data_dir
+        from hippocrates.models.paths import data_dir
         try:
             self.data_dir = Path(config.data_dir).resolve() if config.data_dir else data_dir()
         except FileNotFoundError as err:
@@ -326,7 +325,7 @@ class Pipeline:
                 self.write_report()
 
     def write_report(self):
-        from train.report import write_report
+        from hippocrates.train.report import write_report
         try:
             write_report(self.run_dir)
         except ValueError as err:  # never hide the stage's own error behind the report's
@@ -337,12 +336,12 @@ class Pipeline:
     def base_model(self, dry_run: bool) -> Path | str:
         model = self.config.model
         if model == "smollm2":
-            from models.fetch import fetch_smollm2
+            from hippocrates.models.fetch import fetch_smollm2
             return Path(fetch_smollm2())
         path = Path(model)
         if path.exists():
             return path.resolve()
-        from models import PRESETS
+        from hippocrates.models import PRESETS
         if dry_run and model in PRESETS:
             return model
         hint = " (an architecture preset: give the HF checkpoint dir to train, presets work with --dry-run)" \
@@ -356,8 +355,8 @@ class Pipeline:
     # -- held-out items and SFT data
 
     def prepare_heldout(self):
-        from train.heldout import distinct_protocols, select_heldout
-        from eval.tasks import load_spec
+        from hippocrates.train.heldout import distinct_protocols, select_heldout
+        from hippocrates.eval.tasks import load_spec
         limits = {task: self.config.limit_of(task) for task in self.config.eval.tasks}
         try:
             chosen = select_heldout(self.config.eval.tasks, limits, self.config.eval.seed, self.data_dir,
@@ -370,7 +369,7 @@ class Pipeline:
         write_json(self.state_path, self.state)
 
     def write_sft_data(self) -> list[str]:
-        from train.sft_data import benchmark_test_questions, write_eval_instructions, write_general
+        from hippocrates.train.sft_data import benchmark_test_questions, write_eval_instructions, write_general
         settings = self.config.sft_data
         data = self.run_dir / "data"
         paths, summary = [], {}
@@ -417,15 +416,15 @@ class Pipeline:
         raise PipelineError(f"{key}={name}: no such file (looked in the working dir and {ROOT})")
 
     def resolve(self, stage: str, config_file: Path):
-        from engine.config import load_config
-        from engine.data import DataError
+        from hippocrates.engine.config import load_config
+        from hippocrates.engine.data import DataError
         try:
             return load_config(stage, str(config_file))
         except (ValueError, DataError) as err:
             raise PipelineError(f"{stage}: {err}") from None
 
     def data_identity(self, stage: str, data_path) -> list:
-        from engine.data.sources import parse_source
+        from hippocrates.engine.data.sources import parse_source
         identity = []
         for spec in [data_path] if isinstance(data_path, str) else list(data_path):
             try:
@@ -489,11 +488,11 @@ class Pipeline:
         return (out_dir / "final" / "config.json").is_file()
 
     def train_command(self, stage: str, config_file: Path) -> list[str]:
-        script = str(ROOT / "train" / f"{stage}.py")
+        module = f"hippocrates.train.{stage}"
         if self.config.nproc == 1:
-            return [sys.executable, script, "--config", str(config_file)]
+            return [sys.executable, "-m", module, "--config", str(config_file)]
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={self.config.nproc}", script, "--config", str(config_file)]
+                f"--nproc_per_node={self.config.nproc}", "-m", module, "--config", str(config_file)]
 
     # -- evaluation
 
@@ -517,7 +516,7 @@ class Pipeline:
             return
         if out.exists():
             shutil.rmtree(out)
-        command = [sys.executable, "-m", "eval.run", "--model", str(model), "--tasks", ",".join(specs),
+        command = [sys.executable, "-m", "hippocrates.eval.run", "--model", str(model), "--tasks", ",".join(specs),
                    "--scoring", protocol, "--out", str(out), *map(str, self.config.eval.args)]
         wall = run_command(command, subprocess_env(os.cpu_count() or 1, self.data_dir), f"eval {label} {protocol}")
         if not (out / "results.json").is_file():
@@ -530,7 +529,7 @@ class Pipeline:
     # -- dry run
 
     def dry_run(self, base) -> None:
-        from engine.dryrun import read_config, report
+        from hippocrates.engine.dryrun import read_config, report
         for stage in TRAIN_STAGES:
             if stage not in self.config.stages:
                 continue
@@ -544,7 +543,7 @@ class Pipeline:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hippocrates.train.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help=f"pipeline YAML (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
     parser.add_argument("--stages", help="comma-separated subset of cpt,sft,dpo,eval (default: the config's)")
     parser.add_argument("--dry-run", action="store_true", help="write the stage configs and run engine.dryrun on "

@@ -1,6 +1,6 @@
 """The report of a pipeline run: report.md (tables), report.json (the same numbers), loss and DPO reward curves.
 
-    python -m train.report RUN_DIR        # rebuild the report from what the run dir holds
+    python -m hippocrates.train.report RUN_DIR        # rebuild the report from what the run dir holds
 
 Reads RUN_DIR/pipeline_state.json (written by train/pipeline.py), each evaluation's results.json, each stage's
 metrics.jsonl and config.yaml. A stage "moved" a benchmark when its accuracy differs from the accuracy of the model
@@ -116,7 +116,7 @@ def build(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     state_path = run_dir / STATE_FILE
     if not state_path.is_file():
-        raise ReportError(f"{state_path}: no pipeline state (run python -m train.pipeline first)")
+        raise ReportError(f"{state_path}: no pipeline state (run python -m hippocrates.train.pipeline first)")
     state = json.loads(state_path.read_text())
     cols = columns(state)
     scores = collect_scores(run_dir, state)
@@ -375,7 +375,7 @@ def write_report(run_dir: Path) -> dict:
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m train.report RUN_DIR", file=sys.stderr)
+        print("usage: python -m hippocrates.train.report RUN_DIR", file=sys.stderr)
         return 2
     try:
         write_report(Path(args[0]))

@@ -3,12 +3,7 @@
     torchrun --nproc_per_node=2 train/sft.py [--config FILE] [key=value ...]
     python train/sft.py [--config FILE] [key=value ...]          # one process
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, when not installed with pip -e
-
-from train.cli import main  # noqa: E402
+from hippocrates.train.cli import main
 
 if __name__ == "__main__":
     main("sft")

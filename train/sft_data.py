@@ -18,8 +18,8 @@ import random
 import re
 from pathlib import Path
 
-from engine.data.sources import BadRecords, parse_source, read_source
-from eval.tasks import build_request, load_task
+from hippocrates.engine.data.sources import BadRecords, parse_source, read_source
+from hippocrates.eval.tasks import build_request, load_task
 
 from .heldout import distinct_protocols, write_if_changed
 

@@ -185,7 +185,7 @@ def fits(group: list[Tokenized], seq_len: int, location: str, bad: BadRecords) -
 
 
 def default_data_dir():
-    from models.paths import data_dir
+    from hippocrates.models.paths import data_dir
     try:
         return data_dir()
     except FileNotFoundError:

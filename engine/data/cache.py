@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models.paths import cache_dir
+from hippocrates.models.paths import cache_dir
 
 log = logging.getLogger("hippocrates")
 

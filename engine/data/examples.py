@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.tokenizer import ChatTemplateError
+from hippocrates.models.tokenizer import ChatTemplateError
 
 from .sources import BadRecords
 from .templates import CHAT_ROLES, TemplateError, alpaca_chunks, chat_chunks, single_turn

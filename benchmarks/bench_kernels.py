@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first `import triton`
 
@@ -35,8 +34,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks import cpu_sides  # noqa: E402
-from benchmarks.kernel_cases import (MODELS, TINY_MODELS, ALL_OPS, as_tuple, build_cases, grad_inputs,  # noqa: E402
+from hippocrates.benchmarks import cpu_sides  # noqa: E402
+from hippocrates.benchmarks.kernel_cases import (MODELS, TINY_MODELS, ALL_OPS, as_tuple, build_cases, grad_inputs,  # noqa: E402
                                      relative_error)
 
 GPU_SEQS = [512, 1024, 2048, 4096, 8192, 16384]
