@@ -88,26 +88,30 @@ def cache_bytes_per_token(config, dtype) -> int:
 
 
 def make_batches(requests: list[EncodedRequest], batch_size: int, bytes_per_token: int,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, solo_above: int | None = None) -> list[list[int]]:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, window: int | None = None) -> list[list[int]]:
     """Request indices, longest first, in groups of at most batch_size items whose KV caches fit cache_bytes.
 
-    Requests longer than solo_above (a sliding window) get a batch of their own: padding between a context and its
-    continuation would stretch the distances the window is measured in.
+    window (a sliding window): the continuation pass lays every row out as the batch's longest context, then the
+    row's tokens, so a row spans max(context) + max(continuation) - 1 cache positions, and the window is measured
+    in cache positions. A batch whose span would pass the window is closed; an item whose own span passes it is
+    scored alone, where no padding separates its context from its continuations.
     """
-    order = sorted(range(len(requests)),
-                   key=lambda i: -(len(requests[i].context) + max(map(len, requests[i].continuations))))
-    batches, current, longest = [], [], 0
+    def length(i):
+        return len(requests[i].context) + max(map(len, requests[i].continuations))
+
+    order = sorted(range(len(requests)), key=lambda i: -length(i))
+    batches, current, longest, max_ctx, max_cont = [], [], 0, 0, 0
     for i in order:
         req = requests[i]
-        length = len(req.context) + max(map(len, req.continuations))
+        ctx, cont = len(req.context), max(map(len, req.continuations))
         rows = sum(len(requests[j].continuations) + 1 for j in current) + len(req.continuations) + 1
-        too_big = rows * max(longest, length) * bytes_per_token > cache_bytes
-        solo = solo_above is not None and max(longest, length) > solo_above
-        if current and (len(current) >= batch_size or too_big or solo):
+        too_big = rows * max(longest, length(i)) * bytes_per_token > cache_bytes
+        too_wide = window is not None and max(max_ctx, ctx) + max(max_cont, cont) - 1 > window
+        if current and (len(current) >= batch_size or too_big or too_wide):
             batches.append(current)
-            current, longest = [], 0
+            current, longest, max_ctx, max_cont = [], 0, 0, 0
         current.append(i)
-        longest = max(longest, length)
+        longest, max_ctx, max_cont = max(longest, length(i)), max(max_ctx, ctx), max(max_cont, cont)
     if current:
         batches.append(current)
     return batches
@@ -125,7 +129,7 @@ def score_requests(model, requests: list[EncodedRequest], batch_size: int | None
     weight = model.output_weight
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     batches = make_batches(requests, batch_size, cache_bytes_per_token(model.config, weight.dtype), cache_bytes,
-                           solo_above=model.config.sliding_window)
+                           window=model.config.sliding_window)
     results: list[list[float] | None] = [None] * len(requests)
     with tqdm(total=len(requests), desc=desc, disable=not progress, unit="item") as bar:
         for batch in batches:

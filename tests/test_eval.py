@@ -267,3 +267,21 @@ def test_template_with_unknown_field(tmp_path):
     (tmp_path / "typo.json").write_text(json.dumps(spec))
     with pytest.raises(EvalError, match=r"task mine: prompts.letter cannot be filled \(KeyError: 'questoin'\)"):
         load_task(str(tmp_path / "typo.json"))
+
+
+def test_sliding_window_batch_span_not_item_length():
+    """Two items that each fit the window, but whose padded batch does not: a long context with a one-token choice
+    and a short context with a long choice. Batched, they must score as each does alone."""
+    rng = random.Random(3)
+    window = 16
+    model = tiny_model(vocab=101, sliding_window=window)
+    long_context = EncodedRequest([rng.randrange(101) for _ in range(14)], [[rng.randrange(101)] for _ in range(2)])
+    long_choice = EncodedRequest([rng.randrange(101) for _ in range(2)],
+                                 [[rng.randrange(101) for _ in range(14)], [rng.randrange(101)]])
+    for req in (long_context, long_choice):  # each alone reads at most the window
+        assert len(req.context) + max(map(len, req.continuations)) - 1 <= window
+    requests = [long_context, long_choice]
+    expected = score_requests_reference(model, requests)
+    got = score_requests(model, requests, batch_size=2, progress=False)
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-5)
