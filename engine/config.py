@@ -31,6 +31,7 @@ class OptimConfig:
     lr: float = 5e-5  # peak learning rate, reached after the warmup
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio on the last step
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    decay_steps: int = 0  # the step at which the cosine reaches lr * min_lr_ratio (then flat); 0 = max_steps
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -51,6 +52,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0
     precompute_reference: bool = False  # reference log-probs of every training pair in one pass before step 1
+    policy_dropout: bool = False  # LoRA dropout in the policy forward (TRL disables it; the reference has none)
 
 
 @dataclass
