@@ -187,24 +187,32 @@ def _join_pieces(pieces, b, tq):
 #   delta_i = do_i . o_i  (= sum_j p_ij dp_ij)            one small pre-pass
 #   dv_j = sum_i p_ij do_i          dp_ij = do_i . v_j       ds_ij = p_ij (dp_ij - delta_i)
 #   dk_j = scale sum_i ds_ij q_i    dq_i = scale sum_j ds_ij k_j
-# Determinism without atomics: the dK/dV kernel owns a block of keys of one KV head and loops over every query
-# head of its group (GQA: dk/dv of a KV head sum over its Hq/Hkv query heads in a fixed order, K/V read once, never
-# repeated), and a separate dQ kernel owns a block of queries and loops over key blocks. Each output element has
-# one writer and a fixed summation order, so two backward runs are bitwise equal.
+# Determinism without atomics: the dK/dV kernel owns a block of keys of one KV head and loops over the query heads
+# of its group (GQA: dk/dv of a KV head sum over its Hq/Hkv query heads in a fixed order, K/V read once, never
+# repeated), and a separate dQ kernel owns a block of queries and loops over key blocks. When B x Hkv x key blocks
+# would leave most of the GPU idle, the group is split over several programs that write fp32 partial sums, added
+# afterwards in a fixed order. Each output element has a fixed summation order, so two backward runs are bitwise
+# equal.
+#
+# Which blocks a program visits (no `if` inside a loop, so Triton can software-pipeline every loop): a query block
+# sees keys in [lo, hi), of which the blocks [full_lo, full_hi) need no mask at all. The positional rules (causal,
+# window, ragged end) give these bounds in the kernel; packed documents add per-block bounds computed on the host
+# from the segment ids (`_SegmentRanges`), intersected in the kernel. Each loop runs in three stages: [lo, a) masked,
+# [a, c) unmasked, [c, hi) masked, and the id mask is applied in the masked stages only.
 #
 # Cost model (useful FLOPs, 2 per multiply-add, N = number of visible (query, key) pairs per head, see
 # `attention_flops`): forward QK^T and PV: 4 N D. Backward: the five matmuls of the algorithm (QK^T recomputed,
 # dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q): 10 N D, i.e. 2.5x the forward (FlashAttention's
 # convention); the separate dQ pass recomputes QK^T and dO V^T, so the kernels execute 14 N D. Bytes (HBM):
 # forward reads Q once and K, V once per query block (Tq / BLOCK_M times), writes O and lse; at T >= 512 and
-# D = 128 this is ~100 FLOP/byte or more, compute bound on an H100. Fully masked blocks (above the causal
-# diagonal, outside the window, across document boundaries) are skipped, and only blocks cut by a mask boundary
-# or the ragged end pay for the masking.
+# D = 128 this is ~100 FLOP/byte or more, compute bound on an H100.
 # ---------------------------------------------------------------------------------------------------------------
 LOG2E = 1.4426950408889634
 
 # Set by tests: outputs and saved buffers are allocated NaN-filled, so an element a kernel forgets to write fails.
 POISON_OUTPUTS = False
+# Set by tests: the interpreter runs the GPU tile sizes (and GQA split) instead of its small tiles.
+GPU_TILES_ON_CPU = False
 
 
 def _new_output(shape_or_like, dtype=None, device=None):
@@ -217,27 +225,38 @@ def _new_output(shape_or_like, dtype=None, device=None):
 
 @triton.jit
 def _visible(q_pos, k_pos, tk, window, seg_q, seg_k,
-             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-             POSITIONAL: tl.constexpr):
-    """True where the query at q_pos may see the key at k_pos ([rows, cols], or [1, cols] when only the key
-    bound applies). POSITIONAL adds the key bound and the causal and window rules to the segment rule."""
-    if POSITIONAL:
-        vis = k_pos[None, :] < tk
-        if CAUSAL:
-            vis = vis & (k_pos[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            vis = vis & (q_pos[:, None] - k_pos[None, :] < window)
-        if HAS_SEGMENTS:
-            vis = vis & (seg_q[:, None] == seg_k[None, :])
-    else:
-        vis = seg_q[:, None] == seg_k[None, :]
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    """True where the query at q_pos may see the key at k_pos: [rows, cols], or [1, cols] when only the key
+    bound applies (it broadcasts)."""
+    vis = k_pos[None, :] < tk
+    if CAUSAL:
+        vis = vis & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        vis = vis & (q_pos[:, None] - k_pos[None, :] < window)
+    if HAS_SEGMENTS:
+        vis = vis & (seg_q[:, None] == seg_k[None, :])
     return vis
 
 
 @triton.jit
-def _kv_range(q_lo, q_hi, tk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Key blocks for the queries at key positions [q_lo, q_hi], split as [lo, a) masked, [a, b) unmasked,
-    [b, hi) masked. The unmasked middle holds the blocks every query of the block sees whole."""
+def _split_range(lo, full_lo, full_hi, hi, RANGES, index, HAS_SEGMENTS: tl.constexpr):
+    """Intersect positional bounds with the host's per-block document bounds (RANGES[index] = lo, hi, full_lo,
+    full_hi), then split into [lo, a) masked, [a, c) unmasked, [c, hi) masked."""
+    if HAS_SEGMENTS:
+        row = RANGES + index.to(tl.int64) * 4
+        lo = tl.maximum(lo, tl.load(row))
+        hi = tl.minimum(hi, tl.load(row + 1))
+        full_lo = tl.maximum(full_lo, tl.load(row + 2))
+        full_hi = tl.minimum(full_hi, tl.load(row + 3))
+    a = tl.maximum(tl.minimum(full_lo, hi), lo)
+    c = tl.maximum(tl.minimum(full_hi, hi), a)
+    hi = tl.maximum(hi, c)
+    return lo, a, c, hi
+
+
+@triton.jit
+def _kv_bounds(q_lo, q_hi, tk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Positional key bounds (lo, full_lo, full_hi, hi) for the queries at key positions [q_lo, q_hi]."""
     lo = 0
     hi = tk
     full_lo = 0
@@ -248,88 +267,86 @@ def _kv_range(q_lo, q_hi, tk, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexp
     if HAS_WINDOW:
         lo = (tl.maximum(q_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
         full_lo = tl.cdiv(tl.maximum(q_hi - window + 1, 0), BLOCK_N) * BLOCK_N
-    a = tl.maximum(tl.minimum(full_lo, hi), lo)
-    b = tl.maximum(tl.minimum(full_hi, hi), a)
-    hi = tl.maximum(hi, b)
-    return lo, a, b, hi
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _segments_meet(SEG_AMIN, SEG_AMAX, a_index, SEG_BMIN, SEG_BMAX, b_index):
-    """Whether two blocks' segment-id ranges [min, max] overlap (else every pair between them is masked)."""
-    a_min = tl.load(SEG_AMIN + a_index)
-    a_max = tl.load(SEG_AMAX + a_index)
-    b_min = tl.load(SEG_BMIN + b_index)
-    b_max = tl.load(SEG_BMAX + b_index)
-    return (a_max >= b_min) & (a_min <= b_max)
+def _load_rows(HEAD, start, stride_t, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [start, start + BLOCK) of one head as [BLOCK, BLOCK_D]; zeros past n_rows and HEAD_DIM. The row offset
+    is an int64 scalar, so a head longer than 2^31 elements stays addressable."""
+    offs = tl.arange(0, BLOCK)
+    mask = (start + offs[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(HEAD + start.to(tl.int64) * stride_t + offs[:, None] * stride_t + offs_d[None, :], mask=mask,
+                   other=0.0)
 
 
 @triton.jit
-def _load_kv_block(K_head, V_head, start_n, stride_kt, stride_vt, tk, offs_d, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """Key positions [start_n, start_n + BLOCK_N) and their K, V rows [BLOCK_N, BLOCK_D]; zeros past Tk and D."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[:, None] < tk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K_head + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V_head + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-    return offs_n, k, v
+def _store_rows(HEAD, start, stride_t, n_rows, offs_d, values, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = (start + offs[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(HEAD + start.to(tl.int64) * stride_t + offs[:, None] * stride_t + offs_d[None, :],
+             values.to(HEAD.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX,
-               q_block, k_block0, start, stop, stride_kt, stride_vt, tk, window, qk_scale, offs_d,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, start, stop, stride_kt, stride_vt, tk,
+               window, qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        meet = True
-        if HAS_SEGMENTS:
-            meet = _segments_meet(SEG_QMIN, SEG_QMAX, q_block, SEG_KMIN, SEG_KMAX, k_block0 + start_n // BLOCK_N)
-        if meet:
-            offs_n, k, v = _load_kv_block(K_head, V_head, start_n, stride_kt, stride_vt, tk, offs_d, HEAD_DIM,
-                                          BLOCK_N)  # k, v [BN, BD]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
-            if MASKED or HAS_SEGMENTS:
-                seg_k = 0
-                if HAS_SEGMENTS:
-                    seg_k = tl.load(SEG_row + offs_n, mask=offs_n < tk, other=-1)
-                s = tl.where(_visible(q_pos, offs_n, tk, window, seg_q, seg_k, CAUSAL, HAS_WINDOW, HAS_SEGMENTS,
-                                      MASKED), s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_sub = m_new
-            p = tl.exp2(s - m_sub[:, None])  # [BM, BN]
-            alpha = tl.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
+        k = _load_rows(K_head, start_n, stride_kt, tk, offs_d, HEAD_DIM, BLOCK_N)  # [BN, BD]
+        v = _load_rows(V_head, start_n, stride_vt, tk, offs_d, HEAD_DIM, BLOCK_N)  # [BN, BD]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            seg_k = 0
+            if HAS_SEGMENTS:
+                seg_k = tl.load(SEG_row + offs_n, mask=offs_n < tk, other=-1)
+            s = tl.where(_visible(q_pos, offs_n, tk, window, seg_q, seg_k, CAUSAL, HAS_WINDOW, HAS_SEGMENTS), s,
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])  # [BM, BN]
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, SEG, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX,
+def _query_block(pid, n_qblocks, CAUSAL: tl.constexpr):
+    """Causal: the last query blocks see the most keys, so they get the lowest program ids (they start first)."""
+    if CAUSAL:
+        pid = n_qblocks - 1 - pid
+    return pid
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, SEG, RANGES,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                     n_heads, group, tq, tk, window, qk_scale, n_qblocks, n_kblocks,
+                     n_heads, group, tq, tk, window, qk_scale, n_qblocks,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
                      PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = _query_block(tl.program_id(1), n_qblocks, CAUSAL)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kv_h = h // group
     first_query = tk - tq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_pos = offs_m + first_query
     Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K_head = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
     V_head = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-    q_mask = (offs_m[:, None] < tq) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)  # [BM, BD]
+    q = _load_rows(Q_head, m0, stride_qt, tq, offs_d, HEAD_DIM, BLOCK_M)  # [BM, BD]
 
     SEG_row = SEG + b.to(tl.int64) * tk
     seg_q = 0
@@ -339,26 +356,24 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEG, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMA
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    q_lo = pid_m * BLOCK_M + first_query
-    q_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, tq) - 1 + first_query
-    lo, a, c, hi = _kv_range(q_lo, q_hi, tk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
-    q_block = b * n_qblocks + pid_m
-    k_block0 = b * n_kblocks
-    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX,
-                               SEG_KMIN, SEG_KMAX, q_block, k_block0, lo, a, stride_kt, stride_vt, tk, window,
-                               qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
-    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX,
-                               SEG_KMIN, SEG_KMAX, q_block, k_block0, a, c, stride_kt, stride_vt, tk, window,
-                               qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, False, PRECISION)
-    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX,
-                               SEG_KMIN, SEG_KMAX, q_block, k_block0, c, hi, stride_kt, stride_vt, tk, window,
-                               qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
+    q_hi = tl.minimum(m0 + BLOCK_M, tq) - 1 + first_query
+    lo, full_lo, full_hi, hi = _kv_bounds(m0 + first_query, q_hi, tk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, a, c, hi = _split_range(lo, full_lo, full_hi, hi, RANGES, b * n_qblocks + pid_m, HAS_SEGMENTS)
+    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, lo, a, stride_kt, stride_vt,
+                               tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS,
+                               True, PRECISION)
+    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, a, c, stride_kt, stride_vt,
+                               tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS,
+                               False, PRECISION)
+    acc, l_i, m_i = _fwd_stage(acc, l_i, m_i, q, q_pos, seg_q, K_head, V_head, SEG_row, c, hi, stride_kt, stride_vt,
+                               tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS,
+                               True, PRECISION)
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    O_head = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(O_head + offs_m[:, None] * stride_ot + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
+    _store_rows(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, m0, stride_ot, tq, offs_d, o,
+                HEAD_DIM, BLOCK_M)
     tl.store(LSE + pid_bh.to(tl.int64) * tq + offs_m, lse, mask=offs_m < tq)
 
 
@@ -370,83 +385,80 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob,
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < tq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot
-                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = _load_rows(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, m0, stride_ot, tq, offs_d,
+                   HEAD_DIM, BLOCK_M).to(tl.float32)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, m0, stride_dot, tq, offs_d,
+                    HEAD_DIM, BLOCK_M).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * tq + offs_m, tl.sum(o * do, 1), mask=offs_m < tq)
 
 
 @triton.jit
-def _dkdv_stage(dk, dv, k, v, k_pos, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row,
-                SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX, q_block0, k_block, start, stop,
+def _dkdv_stage(dk, dv, k, v, k_pos, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row, start, stop,
                 stride_qt, stride_dot, tq, tk, window, qk_scale, offs_d,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate one query head's contribution to a key block's dk, dv over query rows [start, stop)."""
     for start_m in range(start, stop, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        meet = True
-        if HAS_SEGMENTS:
-            meet = _segments_meet(SEG_QMIN, SEG_QMAX, q_block0 + start_m // BLOCK_M, SEG_KMIN, SEG_KMAX, k_block)
-        if meet:
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < tq
-            q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(Q_head + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)  # [BM, BD]
-            do = tl.load(DO_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-            # Rows past Tq load lse = +inf, so their p (and ds) is 0: no row mask is needed below.
-            lse = tl.load(LSE_head + offs_m, mask=row_ok, other=float("inf"))  # [BM]
-            delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)  # [BM]
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
-            p_t = tl.exp2(s_t - lse[None, :])
-            if MASKED or HAS_SEGMENTS:
-                q_pos = offs_m + (tk - tq)
-                seg_q = 0
-                if HAS_SEGMENTS:
-                    seg_q = tl.load(SEG_row + q_pos, mask=row_ok, other=-2)
-                vis = _visible(q_pos, k_pos, tk, window, seg_q, seg_k, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, MASKED)
-                p_t = tl.where(tl.trans(vis), p_t, 0.0)
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < tq
+        q = _load_rows(Q_head, start_m, stride_qt, tq, offs_d, HEAD_DIM, BLOCK_M)  # [BM, BD]
+        do = _load_rows(DO_head, start_m, stride_dot, tq, offs_d, HEAD_DIM, BLOCK_M)  # [BM, BD]
+        # Rows past Tq load lse = +inf, so their p (and ds) is 0: the unmasked stage needs no row mask.
+        lse = tl.load(LSE_head + offs_m, mask=row_ok, other=float("inf"))  # [BM]
+        delta = tl.load(DELTA_head + offs_m, mask=row_ok, other=0.0)  # [BM]
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            q_pos = offs_m + (tk - tq)
+            seg_q = 0
+            if HAS_SEGMENTS:
+                seg_q = tl.load(SEG_row + q_pos, mask=row_ok, other=-2)
+            vis = _visible(q_pos, k_pos, tk, window, seg_q, seg_k, CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+            p_t = tl.where(tl.trans(vis), p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, RANGES,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-                          n_heads, n_kv_heads, group, tq, tk, window, qk_scale, sm_scale, n_qblocks, n_kblocks,
+                          stride_dks, stride_dkb, stride_dkh, stride_dkt, stride_dvs, stride_dvb, stride_dvh,
+                          stride_dvt, n_heads, n_kv_heads, group, n_splits, tq, tk, window, qk_scale, sm_scale,
+                          n_kblocks,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                           HAS_SEGMENTS: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """One key block of one KV head; query heads [split * group / n_splits, ...) of its group. Program axis 1 is
+    the key block: with causal masks the first key blocks are seen by the most queries and start first."""
+    pid_bhs = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = pid_bhs % n_splits
+    pid_bh = pid_bhs // n_splits
     b = pid_bh // n_kv_heads
     kv_h = pid_bh % n_kv_heads
     first_query = tk - tq
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < tk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kt
-                + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
-    v = tl.load(V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vt
-                + offs_d[None, :], mask=kv_mask, other=0.0)  # [BN, BD]
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh, n0, stride_kt, tk, offs_d,
+                   HEAD_DIM, BLOCK_N)  # [BN, BD]
+    v = _load_rows(V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh, n0, stride_vt, tk, offs_d,
+                   HEAD_DIM, BLOCK_N)  # [BN, BD]
     SEG_row = SEG + b.to(tl.int64) * tk
     seg_k = 0
     if HAS_SEGMENTS:
         seg_k = tl.load(SEG_row + offs_n, mask=offs_n < tk, other=-1)
 
-    # Query rows (indices into Tq) that can see a key of this block, split like _kv_range: [lo, a) masked,
-    # [a, c) unmasked (each row sees every key of the block), [c, hi) masked. Keys past Tk are never stored,
-    # so only real keys [n0, n_end) bound the ranges.
-    n0 = pid_n * BLOCK_N
+    # Query rows (indices into Tq) that can see a key of this block: [lo, hi), whole for rows in [full_lo, full_hi).
+    # Keys past Tk are never stored, so only real keys [n0, n_end) bound the ranges.
     n_end = tl.minimum(n0 + BLOCK_N, tk)
     lo = 0
     hi = tq
@@ -458,91 +470,79 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, SEG_QMIN, SEG_QM
     if HAS_WINDOW:
         hi = tl.minimum(hi, tl.maximum(n_end - 1 + window - first_query, 0))
         full_hi = (tl.maximum(n0 + window - first_query, 0) // BLOCK_M) * BLOCK_M
-    a = tl.maximum(tl.minimum(full_lo, hi), lo)
-    c = tl.maximum(tl.minimum(full_hi, hi), a)
-    hi = tl.maximum(hi, c)
+    lo, a, c, hi = _split_range(lo, full_lo, full_hi, hi, RANGES, b * n_kblocks + pid_n, HAS_SEGMENTS)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    k_block = b * n_kblocks + pid_n
-    q_block0 = b * n_qblocks
-    for g in range(0, group):
-        h = kv_h * group + g
+    heads_per_split = group // n_splits
+    for g in range(0, heads_per_split):
+        h = kv_h * group + split * heads_per_split + g
         bh = b * n_heads + h
         Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         DO_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         LSE_head = LSE + bh.to(tl.int64) * tq
         DELTA_head = DELTA + bh.to(tl.int64) * tq
-        dk, dv = _dkdv_stage(dk, dv, k, v, offs_n, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row,
-                             SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX, q_block0, k_block, lo, a, stride_qt, stride_dot,
-                             tq, tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_M, CAUSAL, HAS_WINDOW, HAS_SEGMENTS,
-                             True, PRECISION)
-        dk, dv = _dkdv_stage(dk, dv, k, v, offs_n, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row,
-                             SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX, q_block0, k_block, a, c, stride_qt, stride_dot,
-                             tq, tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_M, CAUSAL, HAS_WINDOW, HAS_SEGMENTS,
-                             False, PRECISION)
-        dk, dv = _dkdv_stage(dk, dv, k, v, offs_n, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row,
-                             SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX, q_block0, k_block, c, hi, stride_qt, stride_dot,
-                             tq, tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_M, CAUSAL, HAS_WINDOW, HAS_SEGMENTS,
-                             True, PRECISION)
-    DK_head = DK + b.to(tl.int64) * stride_dkb + kv_h.to(tl.int64) * stride_dkh
-    DV_head = DV + b.to(tl.int64) * stride_dvb + kv_h.to(tl.int64) * stride_dvh
-    tl.store(DK_head + offs_n[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kv_mask)
-    tl.store(DV_head + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        dk, dv = _dkdv_stage(dk, dv, k, v, offs_n, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row, lo, a,
+                             stride_qt, stride_dot, tq, tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_M, CAUSAL,
+                             HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
+        dk, dv = _dkdv_stage(dk, dv, k, v, offs_n, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row, a, c,
+                             stride_qt, stride_dot, tq, tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_M, CAUSAL,
+                             HAS_WINDOW, HAS_SEGMENTS, False, PRECISION)
+        dk, dv = _dkdv_stage(dk, dv, k, v, offs_n, seg_k, Q_head, DO_head, LSE_head, DELTA_head, SEG_row, c, hi,
+                             stride_qt, stride_dot, tq, tk, window, qk_scale, offs_d, HEAD_DIM, BLOCK_M, CAUSAL,
+                             HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
+    DK_head = DK + split.to(tl.int64) * stride_dks + b.to(tl.int64) * stride_dkb + kv_h.to(tl.int64) * stride_dkh
+    DV_head = DV + split.to(tl.int64) * stride_dvs + b.to(tl.int64) * stride_dvb + kv_h.to(tl.int64) * stride_dvh
+    _store_rows(DK_head, n0, stride_dkt, tk, offs_d, dk * sm_scale, HEAD_DIM, BLOCK_N)
+    _store_rows(DV_head, n0, stride_dvt, tk, offs_d, dv, HEAD_DIM, BLOCK_N)
 
 
 @triton.jit
-def _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX,
-              q_block, k_block0, start, stop, stride_kt, stride_vt, tk, window, qk_scale, offs_d,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, start, stop, stride_kt, stride_vt, tk,
+              window, qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        meet = True
-        if HAS_SEGMENTS:
-            meet = _segments_meet(SEG_QMIN, SEG_QMAX, q_block, SEG_KMIN, SEG_KMAX, k_block0 + start_n // BLOCK_N)
-        if meet:
-            offs_n, k, v = _load_kv_block(K_head, V_head, start_n, stride_kt, stride_vt, tk, offs_d, HEAD_DIM,
-                                          BLOCK_N)  # k, v [BN, BD]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-            p = tl.exp2(s - lse[:, None])
-            if MASKED or HAS_SEGMENTS:
-                seg_k = 0
-                if HAS_SEGMENTS:
-                    seg_k = tl.load(SEG_row + offs_n, mask=offs_n < tk, other=-1)
-                vis = _visible(q_pos, offs_n, tk, window, seg_q, seg_k, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, MASKED)
-                p = tl.where(vis, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        k = _load_rows(K_head, start_n, stride_kt, tk, offs_d, HEAD_DIM, BLOCK_N)  # [BN, BD]
+        v = _load_rows(V_head, start_n, stride_vt, tk, offs_d, HEAD_DIM, BLOCK_N)  # [BN, BD]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            seg_k = 0
+            if HAS_SEGMENTS:
+                seg_k = tl.load(SEG_row + offs_n, mask=offs_n < tk, other=-1)
+            p = tl.where(_visible(q_pos, offs_n, tk, window, seg_q, seg_k, CAUSAL, HAS_WINDOW, HAS_SEGMENTS), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, RANGES,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
-                        n_heads, group, tq, tk, window, qk_scale, sm_scale, n_qblocks, n_kblocks,
+                        n_heads, group, tq, tk, window, qk_scale, sm_scale, n_qblocks,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
                         PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = _query_block(tl.program_id(1), n_qblocks, CAUSAL)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     kv_h = h // group
     first_query = tk - tq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_pos = offs_m + first_query
     row_ok = offs_m < tq
-    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qt
-                + offs_d[None, :], mask=q_mask, other=0.0)  # [BM, BD]
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=q_mask, other=0.0)  # [BM, BD]
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, m0, stride_qt, tq, offs_d,
+                   HEAD_DIM, BLOCK_M)  # [BM, BD]
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, m0, stride_dot, tq, offs_d,
+                    HEAD_DIM, BLOCK_M)  # [BM, BD]
     lse = tl.load(LSE + pid_bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * tq + offs_m, mask=row_ok, other=0.0)
     K_head = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
@@ -553,45 +553,44 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG, SEG_QMIN, SEG_QMAX, SE
         seg_q = tl.load(SEG_row + q_pos, mask=row_ok, other=-2)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    q_lo = pid_m * BLOCK_M + first_query
-    q_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, tq) - 1 + first_query
-    lo, a, c, hi = _kv_range(q_lo, q_hi, tk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
-    q_block = b * n_qblocks + pid_m
-    k_block0 = b * n_kblocks
-    dq = _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX, SEG_KMIN,
-                   SEG_KMAX, q_block, k_block0, lo, a, stride_kt, stride_vt, tk, window, qk_scale, offs_d,
-                   HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
-    dq = _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX, SEG_KMIN,
-                   SEG_KMAX, q_block, k_block0, a, c, stride_kt, stride_vt, tk, window, qk_scale, offs_d,
-                   HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, False, PRECISION)
-    dq = _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, SEG_QMIN, SEG_QMAX, SEG_KMIN,
-                   SEG_KMAX, q_block, k_block0, c, hi, stride_kt, stride_vt, tk, window, qk_scale, offs_d,
-                   HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqt
-             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    q_hi = tl.minimum(m0 + BLOCK_M, tq) - 1 + first_query
+    lo, full_lo, full_hi, hi = _kv_bounds(m0 + first_query, q_hi, tk, window, BLOCK_N, CAUSAL, HAS_WINDOW)
+    lo, a, c, hi = _split_range(lo, full_lo, full_hi, hi, RANGES, b * n_qblocks + pid_m, HAS_SEGMENTS)
+    dq = _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, lo, a, stride_kt, stride_vt, tk,
+                   window, qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
+    dq = _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, a, c, stride_kt, stride_vt, tk,
+                   window, qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, False, PRECISION)
+    dq = _dq_stage(dq, q, do, lse, delta, q_pos, seg_q, K_head, V_head, SEG_row, c, hi, stride_kt, stride_vt, tk,
+                   window, qk_scale, offs_d, HEAD_DIM, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SEGMENTS, True, PRECISION)
+    _store_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, m0, stride_dqt, tq, offs_d,
+                dq * sm_scale, HEAD_DIM, BLOCK_M)
 
 
 # Tile shapes (BLOCK_M query rows x BLOCK_N key rows, num_warps, num_stages) per padded head dim, for an H100 with
-# bf16 inputs (FlashAttention-2 / Triton-tutorial territory: 128-row query tiles in the forward, 128-row key tiles
-# in dK/dV, whose two fp32 [BLOCK_N, D] accumulators are the register budget; 8 warps once D = 128 doubles it).
-# Head dim 96 runs padded to 128 (tl.arange needs powers of two); masked loads keep the padding at zero.
+# bf16 inputs (FlashAttention-2 / Triton-tutorial territory: 128-row query tiles in the forward; in dK/dV the two
+# fp32 [BLOCK_N, D] accumulators are the register budget). Each entry is checked by benchmarks/compile_check.py:
+# no register spill and shared memory under the sm_90 limit, with the JIT's own specialisation.
+# Head dims 16 and 96 run padded (tl.arange needs powers of two >= 16); masked loads keep the padding at zero.
 # Under the interpreter small tiles make short test sequences span several blocks, so the block-skipping and
-# ragged-edge logic is exercised.
+# ragged-edge logic is exercised; tests also run the GPU tiles there (GPU_TILES_ON_CPU).
 _GPU_CONFIGS = {  # block_d: {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
-    32: {"fwd": (128, 64, 4, 4), "dkdv": (64, 128, 4, 3), "dq": (128, 64, 4, 3)},
-    64: {"fwd": (128, 64, 4, 4), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
+    16: {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (128, 64, 4, 3)},
+    32: {"fwd": (128, 64, 4, 3), "dkdv": (64, 64, 4, 3), "dq": (128, 64, 4, 3)},
+    64: {"fwd": (128, 64, 4, 3), "dkdv": (64, 128, 8, 3), "dq": (128, 64, 8, 3)},
     128: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 3), "dq": (128, 32, 8, 3)},
     256: {"fwd": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
 }
 _INTERPRETER_CONFIG = {"fwd": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# The dK/dV grid splits a GQA group over programs until about this many programs run (2 per SM of an H100).
+_TARGET_PROGRAMS = 264
 
 
 def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kernel, head_dim, device, dtype=torch.bfloat16):
-    if device.type != "cuda":
+def _config(kernel, head_dim, gpu, dtype=torch.bfloat16):
+    if not gpu:
         return _INTERPRETER_CONFIG[kernel]
     block_m, block_n, warps, stages = _GPU_CONFIGS[_block_d(head_dim)][kernel]
     if dtype == torch.float32:  # 4-byte tiles: fewer pipeline stages fit in the 227 KB of shared memory
@@ -599,62 +598,182 @@ def _config(kernel, head_dim, device, dtype=torch.bfloat16):
     return block_m, block_n, warps, stages
 
 
-def _segment_block_bounds(ids, block):
-    """ids [B, L] -> per block of `block` positions the (min, max) id, each [B * ceil(L / block)] int32."""
-    length = ids.shape[1]
+def _dot_precision(dtype, gpu):
+    # fp32 inputs: tf32 tensor-core dots on a GPU (IEEE fp32 dots there run on CUDA cores and spill registers);
+    # IEEE in the interpreter, where the tests compare fp32 tightly.
+    return "ieee" if dtype == torch.float32 and not gpu else "tf32"
+
+
+def _dkdv_splits(group, programs):
+    """How many programs share one KV head's query-head group: the largest divisor of `group` that keeps the
+    program count near _TARGET_PROGRAMS."""
+    wanted = max(1, -(-_TARGET_PROGRAMS // max(programs, 1)))
+    return max(d for d in range(1, group + 1) if group % d == 0 and d <= wanted)
+
+
+def _block_reduce(x, block, reduce):
+    """x [B, L] -> [B, ceil(L / block)] per-block reduction; the ragged end repeats the last value."""
+    length = x.shape[1]
     n_blocks = triton.cdiv(length, block)
     pad = n_blocks * block - length
-    padded = torch.cat([ids, ids[:, -1:].expand(-1, pad)], dim=1) if pad else ids  # repeats don't widen a range
-    blocks = padded.reshape(ids.shape[0], n_blocks, block)
-    return blocks.amin(-1).flatten().contiguous(), blocks.amax(-1).flatten().contiguous()
+    padded = torch.cat([x, x[:, -1:].expand(-1, pad)], dim=1) if pad else x
+    return reduce(padded.reshape(x.shape[0], n_blocks, block), -1)
 
 
-class _SegmentBlocks:
-    """Segment ids as int32 plus per-block id ranges, computed once per (query block, key block) size."""
+class _SegmentRanges:
+    """Segment ids [B, Tk] as int32 plus, per block, the range of keys (for query blocks) or query rows (for key
+    blocks) that can share an id, and the sub-range that certainly does (no mask needed). No host sync.
+
+    Per key position t: run_start/run_end bound the run of equal ids around t; first/last bound every occurrence
+    of t's id in the row (equal to the run for packed rows; wider when an id appears in several runs).
+    """
 
     def __init__(self, segment_ids, tq, tk, device):
-        self.ids = segment_ids.to(device=device, dtype=torch.int32).contiguous() if segment_ids is not None else None
         self.tq, self.tk = tq, tk
-        self.dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        self.dummy = torch.zeros(4, dtype=torch.int32, device=device)
+        self.ids = None
+        if segment_ids is None:
+            return
+        ids = segment_ids.to(device=device, dtype=torch.int32).contiguous()  # [B, Tk]
+        pos = torch.arange(tk, device=device, dtype=torch.int32).expand_as(ids)
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        ends = torch.ones_like(starts)
+        ends[:, :-1] = starts[:, 1:]
+        self.run_start = torch.where(starts, pos, 0).cummax(1).values
+        self.run_end = torch.where(ends, pos + 1, tk).flip(1).cummin(1).values.flip(1)
+        ordered, order = ids.sort(dim=1, stable=True)
+        group_start = torch.ones_like(starts)
+        group_start[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        group_end = torch.ones_like(starts)
+        group_end[:, :-1] = group_start[:, 1:]
+        first_sorted = order.gather(1, torch.where(group_start, pos, 0).cummax(1).values.long())
+        last_sorted = order.gather(1, torch.where(group_end, pos, tk - 1).flip(1).cummin(1).values.flip(1).long())
+        self.first = torch.empty_like(ids).scatter_(1, order, first_sorted.int())
+        self.end = torch.empty_like(ids).scatter_(1, order, last_sorted.int() + 1)
+        self.ids = ids
 
-    def args(self, block_m, block_n):
-        """(SEG, SEG_QMIN, SEG_QMAX, SEG_KMIN, SEG_KMAX) kernel arguments."""
+    def key_ranges(self, block_q, block_k):
+        """[B, n_qblocks, 4] int32: per query block (queries are the last Tq key positions) lo, hi, full_lo,
+        full_hi in key positions; lo rounded down and full bounds rounded inwards to block_k."""
         if self.ids is None:
-            return (self.dummy,) * 5
-        q_min, q_max = _segment_block_bounds(self.ids[:, self.tk - self.tq:], block_m)
-        k_min, k_max = _segment_block_bounds(self.ids, block_n)
-        return self.ids, q_min, q_max, k_min, k_max
+            return self.dummy
+        fq = self.tk - self.tq
+        lo = _block_reduce(self.first[:, fq:], block_q, torch.amin)
+        hi = _block_reduce(self.end[:, fq:], block_q, torch.amax)
+        run_lo = _block_reduce(self.run_start[:, fq:], block_q, torch.amin)
+        run_hi = _block_reduce(self.run_start[:, fq:], block_q, torch.amax)
+        single = run_lo == run_hi  # every query of the block in one run
+        run_end = _block_reduce(self.run_end[:, fq:], block_q, torch.amin)
+        full_lo = torch.where(single, (run_lo + block_k - 1) // block_k * block_k, self.tk)
+        full_hi = torch.where(single, run_end // block_k * block_k, 0)
+        return torch.stack([lo // block_k * block_k, hi, full_lo, full_hi], -1).int().contiguous()
 
+    def query_ranges(self, block_q, block_k):
+        """[B, n_kblocks, 4] int32: per key block lo, hi, full_lo, full_hi in query rows (0..Tq); lo rounded down
+        and full bounds rounded inwards to block_q, except a full range that reaches Tk, which ends at Tq."""
+        if self.ids is None:
+            return self.dummy
+        fq = self.tk - self.tq
+        lo = (_block_reduce(self.first, block_k, torch.amin) - fq).clamp(0, self.tq)
+        hi = (_block_reduce(self.end, block_k, torch.amax) - fq).clamp(0, self.tq)
+        run_lo = _block_reduce(self.run_start, block_k, torch.amin)
+        single = run_lo == _block_reduce(self.run_start, block_k, torch.amax)
+        run_end = _block_reduce(self.run_end, block_k, torch.amin)
+        rows_lo = (run_lo - fq).clamp(0, self.tq)
+        rows_hi = (run_end - fq).clamp(0, self.tq)
+        full_lo = torch.where(single, (rows_lo + block_q - 1) // block_q * block_q, self.tq)
+        full_hi = torch.where(single, torch.where(run_end == self.tk, self.tq, rows_hi // block_q * block_q), 0)
+        return torch.stack([lo // block_q * block_q, hi, full_lo, full_hi], -1).int().contiguous()
 
-def _dot_precision(dtype):
-    # fp32 inputs: IEEE products, so an fp32 model gets fp32 attention (tf32 would cost ~3 decimal digits).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    @property
+    def seg(self):
+        return self.ids if self.ids is not None else self.dummy
 
 
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def forward_launch(q, k, v, o, lse, segments, causal, window, scale, gpu):
+    """(kernel, grid, args, options) of the forward kernel; the compile check builds the same launches."""
+    batch, n_heads, tq, head_dim = q.shape
+    n_kv_heads, tk = k.shape[1], k.shape[2]
+    block_m, block_n, warps, stages = _config("fwd", head_dim, gpu, q.dtype)
+    n_qblocks = triton.cdiv(tq, block_m)
+    args = (q, k, v, o, lse, segments.seg, segments.key_ranges(block_m, block_n), *_strides(q), *_strides(k),
+            *_strides(v), *_strides(o), n_heads, n_heads // n_kv_heads, tq, tk, window or 0, scale * LOG2E,
+            n_qblocks)
+    options = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), CAUSAL=causal,
+                   HAS_WINDOW=window is not None, HAS_SEGMENTS=segments.ids is not None,
+                   PRECISION=_dot_precision(q.dtype, gpu), num_warps=warps, num_stages=stages)
+    return _attn_fwd_kernel, (batch * n_heads, n_qblocks), args, options
+
+
+def backward_launches(q, k, v, o, lse, do, delta, dq, dk, dv, segments, causal, window, scale, gpu):
+    """[(kernel, grid, args, options)] of the delta, dK/dV and dQ kernels, in launch order. dk/dv are [splits, B,
+    Hkv, Tk, D]-shaped (splits >= 1: partial sums over query heads, added by the caller)."""
+    batch, n_heads, tq, head_dim = q.shape
+    n_kv_heads, tk = k.shape[1], k.shape[2]
+    block_d = _block_d(head_dim)
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window is not None,
+                 HAS_SEGMENTS=segments.ids is not None, PRECISION=_dot_precision(q.dtype, gpu))
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    delta_block = 64
+    launches = [(_bwd_delta_kernel, (triton.cdiv(tq, delta_block), batch * n_heads),
+                 (o, do, delta, *_strides(o), *_strides(do), n_heads, tq),
+                 dict(HEAD_DIM=head_dim, BLOCK_M=delta_block, BLOCK_D=block_d))]
+
+    block_m, block_n, warps, stages = _config("dkdv", head_dim, gpu, q.dtype)
+    n_kblocks = triton.cdiv(tk, block_n)
+    splits = dk.shape[0]
+    launches.append((_attn_bwd_dkdv_kernel, (batch * n_kv_heads * splits, n_kblocks),
+                     (q, k, v, do, lse, delta, dk, dv, segments.seg, segments.query_ranges(block_m, block_n),
+                      *common, *dk.stride()[:4], *dv.stride()[:4], n_heads, n_kv_heads, n_heads // n_kv_heads,
+                      splits, tq, tk, window or 0, scale * LOG2E, scale, n_kblocks),
+                     dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)))
+
+    block_m, block_n, warps, stages = _config("dq", head_dim, gpu, q.dtype)
+    n_qblocks = triton.cdiv(tq, block_m)
+    launches.append((_attn_bwd_dq_kernel, (batch * n_heads, n_qblocks),
+                     (q, k, v, do, lse, delta, dq, segments.seg, segments.key_ranges(block_m, block_n), *common,
+                      *_strides(dq), n_heads, n_heads // n_kv_heads, tq, tk, window or 0, scale * LOG2E, scale,
+                      n_qblocks),
+                     dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)))
+    return launches
+
+
+def dkdv_outputs(k, n_heads, gpu):
+    """dk, dv as [splits, B, Hkv, Tk, D] views: k's layout and dtype when splits == 1, else fp32 partial sums."""
+    batch, n_kv_heads, tk, head_dim = k.shape
+    block_n = _config("dkdv", head_dim, gpu, k.dtype)[1]
+    splits = _dkdv_splits(n_heads // n_kv_heads, batch * n_kv_heads * triton.cdiv(tk, block_n)) if gpu else 1
+    if splits == 1:
+        return _new_output(k)[None], _new_output(k)[None]
+    shape = (splits, batch, tk, n_kv_heads, head_dim)  # the model's [B, T, H, D] layout, per split
+    return (_new_output(shape, torch.float32, k.device).transpose(2, 3),
+            _new_output(shape, torch.float32, k.device).transpose(2, 3))
+
+
+def _uses_gpu_tiles(t):
+    return t.is_cuda or GPU_TILES_ON_CPU
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segment_ids, causal, window, scale):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        batch, n_heads, tq, head_dim = q.shape
-        n_kv_heads, tk = k.shape[1], k.shape[2]
-        segments = _SegmentBlocks(segment_ids, tq, tk, q.device)
+        batch, n_heads, tq, _ = q.shape
+        segments = _SegmentRanges(segment_ids, tq, k.shape[2], q.device)
         o = _new_output(q)  # same layout as q: a [B, T, H, D]-strided q gives a [B, T, H, D]-strided o
         lse = _new_output((batch, n_heads, tq), torch.float32, q.device)  # log2-sum-exp2 of the scaled scores
-        block_m, block_n, warps, stages = _config("fwd", head_dim, q.device, q.dtype)
-        n_qblocks, n_kblocks = triton.cdiv(tq, block_m), triton.cdiv(tk, block_n)
-        grid = (n_qblocks, batch * n_heads)
-        _attn_fwd_kernel[grid](
-            q, k, v, o, lse, *segments.args(block_m, block_n),
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            n_heads, n_heads // n_kv_heads, tq, tk, window or 0, scale * LOG2E, n_qblocks, n_kblocks,
-            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), CAUSAL=causal,
-            HAS_WINDOW=window is not None, HAS_SEGMENTS=segment_ids is not None,
-            PRECISION=_dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+        kernel, grid, args, options = forward_launch(q, k, v, o, lse, segments, causal, window, scale,
+                                                     _uses_gpu_tiles(q))
+        kernel[grid](*args, **options)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.segments, ctx.causal, ctx.window, ctx.scale = segments, causal, window, scale
         return o
@@ -662,39 +781,18 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        segments, causal, window, scale = ctx.segments, ctx.causal, ctx.window, ctx.scale
         do = _last_dim_contiguous(do)
-        batch, n_heads, tq, head_dim = q.shape
-        n_kv_heads, tk = k.shape[1], k.shape[2]
-        group = n_heads // n_kv_heads
-        block_d = _block_d(head_dim)
-        flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=window is not None,
-                     HAS_SEGMENTS=segments.ids is not None, PRECISION=_dot_precision(q.dtype))
-
-        delta = _new_output((batch, n_heads, tq), torch.float32, q.device)
-        delta_block = 64
-        _bwd_delta_kernel[(triton.cdiv(tq, delta_block), batch * n_heads)](
-            o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            n_heads, tq, HEAD_DIM=head_dim, BLOCK_M=delta_block, BLOCK_D=block_d)
-
-        dq, dk, dv = _new_output(q), _new_output(k), _new_output(v)
-        common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-        block_m, block_n, warps, stages = _config("dkdv", head_dim, q.device, q.dtype)
-        n_qblocks, n_kblocks = triton.cdiv(tq, block_m), triton.cdiv(tk, block_n)
-        _attn_bwd_dkdv_kernel[(n_kblocks, batch * n_kv_heads)](
-            q, k, v, do, lse, delta, dk, dv, *segments.args(block_m, block_n), *common,
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            n_heads, n_kv_heads, group, tq, tk, window or 0, scale * LOG2E, scale, n_qblocks, n_kblocks,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
-
-        block_m, block_n, warps, stages = _config("dq", head_dim, q.device, q.dtype)
-        n_qblocks, n_kblocks = triton.cdiv(tq, block_m), triton.cdiv(tk, block_n)
-        _attn_bwd_dq_kernel[(n_qblocks, batch * n_heads)](
-            q, k, v, do, lse, delta, dq, *segments.args(block_m, block_n), *common,
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            n_heads, group, tq, tk, window or 0, scale * LOG2E, scale, n_qblocks, n_kblocks,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
+        gpu = _uses_gpu_tiles(q)
+        delta = _new_output(q.shape[:3], torch.float32, q.device)
+        dq = _new_output(q)
+        dk, dv = dkdv_outputs(k, q.shape[1], gpu)
+        for kernel, grid, args, options in backward_launches(q, k, v, o, lse, do, delta, dq, dk, dv, ctx.segments,
+                                                             ctx.causal, ctx.window, ctx.scale, gpu):
+            kernel[grid](*args, **options)
+        if dk.shape[0] > 1:  # partial sums over query heads, added in a fixed order
+            dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        else:
+            dk, dv = dk[0], dv[0]
         return dq, dk, dv, None, None, None, None
 
 
