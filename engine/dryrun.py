@@ -16,16 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from hippocrates.engine.config import flatten, read_yaml_mapping
+from hippocrates.engine.config import flatten, load_config
 from hippocrates.models.config import PRESETS, ModelConfig
 from hippocrates.models.lora import ALL_LINEAR, LoraConfig, add_lora
 
 GIB = 1024 ** 3
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "train" / "configs"
 MODEL_ALIASES = {"smollm2": "smollm2-135m"}  # the default model's short name in the recipes
-BF16, FP32 = 2, 4
+BOOL, BF16, FP32 = 1, 2, 4
 
 
 class DryRunError(ValueError):
@@ -36,26 +34,14 @@ class DryRunError(ValueError):
 # config
 
 
-def read_yaml(path: Path) -> dict:
-    return flatten(read_yaml_mapping(path, DryRunError))
-
-
 def read_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    """The recipe as a flat dict of dotted keys: the stage's defaults (train/configs/{stage}.yaml, when it exists),
-    then the file, then `key=value` overrides (values parsed as YAML), as the trainer layers them."""
-    path = Path(path)
-    recipe = read_yaml(path)
-    stage = stage_of({**recipe, "_source": str(path)})
-    stage_defaults = CONFIG_DIR / f"{stage}.yaml"
-    config = read_yaml(stage_defaults) if stage_defaults.is_file() and stage_defaults.resolve() != path.resolve() else {}
-    config.update(recipe)
-    for item in overrides:
-        if "=" not in item:
-            raise DryRunError(f"override {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        config[key.strip()] = yaml.safe_load(value)
-    config["_source"] = str(path)
-    return config
+    """The recipe resolved by the trainer's own reader (engine.config.load_config: the stage's defaults, the file,
+    then `key=value` overrides; every key checked), as a flat dict of dotted keys plus `_source`."""
+    try:
+        config = load_config(None, path, overrides)
+    except ValueError as err:  # ConfigError: one line naming the key and file
+        raise DryRunError(str(err)) from None
+    return {**flatten(config.to_dict()), "_source": str(path)}
 
 
 def model_config(config: dict) -> ModelConfig:
@@ -143,25 +129,28 @@ def count_params(model) -> ParamCounts:
                        root=numel(root_params), root_trainable=numel(root_params, True))
 
 
-def activation_elements_per_token(cfg: ModelConfig, lora: LoraConfig | None) -> int:
-    """Tensors one block saves for its backward, in elements per token (fp32 counted as two bf16 elements).
+def activation_bytes_per_token(cfg: ModelConfig, lora: LoraConfig | None, compute_bytes: int = BF16) -> int:
+    """Bytes one block saves for its backward, per token, with activations of `compute_bytes` (bf16 on GPU, fp32
+    on CPU); statistics (rstd, log-sum-exp) are fp32, dropout masks bool.
 
     RMSNorm keeps its input and rstd; flash attention keeps q, k, v (after RoPE), its output and the log-sum-exp;
-    o_proj keeps its own (transposed, contiguous) input; the MLP keeps gate and up; each LoRA layer keeps x A^T (and
-    its dropped-out input when dropout > 0). The norm outputs and the SwiGLU output, which the projections after them
-    would keep, are rebuilt in the backward (kernels/rebuild.py).
+    o_proj keeps its own (transposed, contiguous) input; the MLP keeps gate and up; each LoRA layer keeps x A^T, and
+    with dropout > 0 its dropped-out input and the dropout mask (one byte per input element). The norm outputs and
+    the SwiGLU output, which the projections after them would keep, are rebuilt in the backward (kernels/rebuild.py).
     """
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    norms = 2 * (hidden + 2)
-    attention = q_dim + 2 * kv_dim + q_dim + 2 * cfg.num_heads + q_dim
-    mlp = 2 * inter
+    norms = 2 * (hidden * compute_bytes + FP32)
+    attention = (q_dim + 2 * kv_dim + q_dim + q_dim) * compute_bytes + cfg.num_heads * FP32
+    mlp = 2 * inter * compute_bytes
     adapters = 0
     if lora is not None:
         in_features = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": q_dim,
                        "gate_proj": hidden, "up_proj": hidden, "down_proj": inter}
         for target in lora.target_modules:
-            adapters += lora.rank + (in_features[target] if lora.dropout else 0)
+            adapters += lora.rank * compute_bytes
+            if lora.dropout:
+                adapters += in_features[target] * (compute_bytes + BOOL)  # dropped-out input + its mask
     return norms + attention + mlp + adapters
 
 
@@ -170,14 +159,22 @@ def activation_elements_per_token(cfg: ModelConfig, lora: LoraConfig | None) -> 
 
 
 def estimate_memory(config: dict, world_size: int, activation_checkpointing: bool | None = None,
-                    ce_chunk_rows: int = 2048, prefetch_blocks: int = 2, overhead_bytes: int = GIB) -> dict:
-    """Peak bytes per GPU of a training step, by component, for `world_size` ranks (FSDP2 over all of them).
+                    ce_chunk_rows: int = 2048, prefetch_blocks: int = 2, overhead_bytes: int = GIB,
+                    device: str = "cuda", sync_every_micro_batch: bool = False) -> dict:
+    """Peak bytes per rank of a training step, by component, for `world_size` ranks (FSDP2 over all of them).
 
     `config` is the flat recipe dict (`read_config`). `activation_checkpointing` overrides the recipe's key.
+    `device="cuda"`: the GPU recipe (bf16 compute, frozen weights stored in bf16, a CUDA context); `device="cpu"`:
+    everything fp32, no context. Gradient sync with `grad_accum` > 1: the trainer skips it on all but the last
+    micro-batch (`set_requires_gradient_sync`), so FSDP2 keeps every trainable weight's unsharded fp32 gradient
+    from the first micro-batch to the last; `sync_every_micro_batch=True` plans the other choice (reduce-scatter
+    after each micro-batch: only sharded gradients persist, at grad_accum x the reduce-scatter traffic).
     Returns the components, their `total`, the parameter counts and the shapes the estimate used.
     """
     if world_size < 1:
         raise DryRunError(f"world_size={world_size}: expected >= 1")
+    if device not in ("cuda", "cpu"):
+        raise DryRunError(f"device={device!r}: expected cuda or cpu")
     cfg = model_config(config)
     lora = lora_config(config)
     stage = stage_of(config)
@@ -186,33 +183,44 @@ def estimate_memory(config: dict, world_size: int, activation_checkpointing: boo
     seq_len = int_key(config, "seq_len", 512)
     rows = int_key(config, "batch_size", 1) * (2 if stage == "dpo" else 1)  # DPO: chosen + rejected in one forward
     tokens = rows * seq_len
+    grad_accum = int_key(config, "grad_accum", 1)
+    sync_skipped = grad_accum > 1 and not sync_every_micro_batch
+    low = BF16 if device == "cuda" else FP32  # compute dtype: activations, gathered weights, the frozen base
+    low_name = "bf16" if device == "cuda" else "fp32"
 
     counts = count_params(meta_model(config))
     frozen = counts.total - counts.trainable
-    per_token_block = activation_elements_per_token(cfg, lora) * BF16
+    per_token_block = activation_bytes_per_token(cfg, lora, low)
     block_activations = tokens * per_token_block
     if activation_checkpointing:
         # block inputs kept, one block's activations live again while its backward recomputes it
-        activations = cfg.num_layers * tokens * cfg.hidden_size * BF16 + block_activations
+        activations = cfg.num_layers * tokens * cfg.hidden_size * low + block_activations
     else:
         activations = cfg.num_layers * block_activations
     full_finetune = lora is None
+    if sync_skipped:
+        grads = ("grads (fp32, unsharded: sync skipped between micro-batches)", counts.trainable * FP32)
+        in_flight = 0  # the blocks' unsharded gradients are the ones above
+    else:
+        grads = ("grads (fp32, sharded)", counts.trainable * FP32 / world_size)
+        in_flight = prefetch_blocks * counts.block_trainable + counts.root_trainable
+    grad_bytes = BF16 + FP32 if device == "cuda" else FP32  # bf16 gradient, then its fp32 copy for the reduction
 
     components = {
-        "frozen params (bf16, sharded)": frozen * BF16 / world_size,
+        f"frozen params ({low_name}, sharded)": frozen * low / world_size,
         "trainable params (fp32 master, sharded)": counts.trainable * FP32 / world_size,
-        "grads (fp32, sharded)": counts.trainable * FP32 / world_size,
+        grads[0]: grads[1],
         "AdamW m, v (fp32, sharded)": counts.trainable * 2 * FP32 / world_size,
-        "reference model (bf16, sharded)": counts.total * BF16 / world_size if stage == "dpo" and full_finetune else 0,
-        "all-gathered blocks (bf16)": prefetch_blocks * counts.block * BF16,
-        "root params unsharded (bf16)": counts.root * BF16,
-        "unsharded grads in backward (bf16 + fp32)": (prefetch_blocks * counts.block_trainable
-                                                      + counts.root_trainable) * (BF16 + FP32),
+        f"reference model ({low_name}, sharded)":
+            counts.total * low / world_size if stage == "dpo" and full_finetune else 0,
+        f"all-gathered blocks ({low_name})": prefetch_blocks * counts.block * low,
+        f"root params unsharded ({low_name})": counts.root * low,
+        f"unsharded grads in backward ({'bf16 + fp32' if device == 'cuda' else 'fp32'})": in_flight * grad_bytes,
         "activations": activations,
-        "embedding out, final norm (bf16)": 2 * tokens * cfg.hidden_size * BF16,
+        f"embedding out, final norm ({low_name})": 2 * tokens * cfg.hidden_size * low,
         "fused linear CE chunk (fp32 logits + grad)": min(ce_chunk_rows, tokens) * cfg.vocab_size * 2 * FP32
         + tokens * cfg.hidden_size * FP32,
-        "CUDA context, NCCL buffers (assumed)": overhead_bytes,
+        "CUDA context, NCCL buffers (assumed)": overhead_bytes if device == "cuda" else 0,
     }
     components = {k: int(v) for k, v in components.items()}
     return {
@@ -223,6 +231,8 @@ def estimate_memory(config: dict, world_size: int, activation_checkpointing: boo
         "stage": stage,
         "tokens_per_micro_batch": tokens,
         "activation_bytes_per_token_per_block": per_token_block,
+        "gradient_sync": "skipped until the last micro-batch" if sync_skipped else "every micro-batch",
+        "device": device,
         "params": counts,
     }
 
@@ -285,7 +295,8 @@ def report(config: dict, world_size: int) -> str:
            f"micro-batch {off['tokens_per_micro_batch']} tokens per rank "
            f"(batch_size={config.get('batch_size', 1)} x seq_len={config.get('seq_len', 512)}"
            f"{' x 2 (chosen + rejected)' if off['stage'] == 'dpo' else ''}), grad_accum={config.get('grad_accum', 1)},"
-           f" global batch {config.get('batch_size', 1) * world_size * config.get('grad_accum', 1)} rows", ""]
+           f" global batch {config.get('batch_size', 1) * world_size * config.get('grad_accum', 1)} rows",
+           f"gradient sync: {off['gradient_sync']} (the trainer's set_requires_gradient_sync)", ""]
     out.append(table(["parameters", "count", "%"], [
         ["total", f"{counts.total:,}", "100.00"],
         ["trainable", f"{counts.trainable:,}", f"{100 * counts.trainable / counts.total:.2f}"],
@@ -311,14 +322,12 @@ def report(config: dict, world_size: int) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a recipe YAML, e.g. train/configs/cpt_llama2_7b.yaml")
-    parser.add_argument("--gpus", type=int, default=None, help="ranks to plan for (default: the config's "
-                        "`world_size`/`nproc_per_node`, else 8)")
+    parser.add_argument("--gpus", type=int, default=8, help="ranks to plan for (default: 8)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     try:
         config = read_config(args.config, args.overrides)
-        world_size = args.gpus or int(config.get("world_size", config.get("nproc_per_node", 8)))
-        print(report(config, world_size))
+        print(report(config, args.gpus))
     except ValueError as err:  # DryRunError, CheckpointError: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
