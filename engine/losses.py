@@ -1,5 +1,9 @@
 """The training losses: masked next-token cross-entropy (CPT, SFT) and the DPO family (sigmoid, IPO, hinge).
 
+The DPO family follows TRL's DPOTrainer: a sequence's log-probability is the sum over its response tokens, except
+for IPO, which uses the mean per response token (TRL divides by the number of response tokens), for the policy and
+the reference alike; the implicit rewards and the logps/* metrics are computed from the same values.
+
 Labels are already shifted by the data pipeline: labels[:, t] is the target of the prediction made at position t,
 and -100 marks positions without loss. No [B, T, vocab] logits are kept: the LM head and the cross-entropy run
 together in `ops.fused_linear_cross_entropy`.
@@ -14,6 +18,7 @@ from hippocrates.models.lora import adapters_disabled, lora_layers
 
 IGNORE_INDEX = -100
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LENGTH_AVERAGED = ("ipo",)  # loss types that use the mean log-prob per response token, as TRL does
 
 
 def count_target_tokens(labels: torch.Tensor) -> int:
@@ -57,18 +62,30 @@ def _chosen_rejected_logps(model, batch):
     return logps.chunk(2)
 
 
-def dpo_logps(model, batch: dict[str, torch.Tensor], reference_model=None):
-    """(policy_chosen, policy_rejected, ref_chosen, ref_rejected) log-probs, each [B].
+def dpo_logps(model, batch: dict[str, torch.Tensor], reference_model=None, loss_type: str = "sigmoid"):
+    """(policy_chosen, policy_rejected, ref_chosen, ref_rejected) log-probs, each [B]: summed over the response
+    tokens, or averaged over them for the loss types in LENGTH_AVERAGED.
 
-    The reference policy is, in order: `batch["ref_chosen_logps"]` / `batch["ref_rejected_logps"]` when they were
-    precomputed in one pass over the data; a frozen `reference_model` (full fine-tuning); otherwise the policy model
-    itself with its LoRA adapters disabled.
+    The reference policy is, in order: `batch["ref_chosen_logps"]` / `batch["ref_rejected_logps"]` (sums) when they
+    were precomputed in one pass over the data; a frozen `reference_model` (full fine-tuning); otherwise the policy
+    model itself with its LoRA adapters disabled.
     """
     policy_chosen, policy_rejected = _chosen_rejected_logps(model, batch)
     if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
-        return policy_chosen, policy_rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    ref_chosen, ref_rejected = reference_logps(model, batch, reference_model)
-    return policy_chosen, policy_rejected, ref_chosen, ref_rejected
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    else:
+        ref_chosen, ref_rejected = reference_logps(model, batch, reference_model)
+    logps = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    if loss_type in LENGTH_AVERAGED:
+        chosen_tokens, rejected_tokens = response_tokens(batch)  # [B] each
+        logps = tuple(lp / n for lp, n in zip(logps, (chosen_tokens, rejected_tokens) * 2))
+    return logps
+
+
+def response_tokens(batch: dict[str, torch.Tensor]):
+    """(chosen [B], rejected [B]): the number of label tokens of each response, at least 1."""
+    return tuple((batch[f"{side}_labels"] != IGNORE_INDEX).sum(dim=-1).clamp(min=1)
+                 for side in ("chosen", "rejected"))
 
 
 @torch.no_grad()
@@ -85,7 +102,7 @@ def reference_logps(model, batch: dict[str, torch.Tensor], reference_model=None)
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
-    """Per-pair DPO losses [B] and the batch-mean metrics TRL reports.
+    """Per-pair DPO losses [B] and the batch-mean metrics TRL reports, from the log-probs `dpo_logps` gives.
 
     With z = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)):
       sigmoid (DPO, Rafailov et al. 2023; conservative DPO with label smoothing eps):
