@@ -126,6 +126,74 @@ def test_triton_fp16_matches_float64(case):
     check_against_reference(fa.attention_triton, *case, dtype=torch.float16, seed=7)
 
 
+# The GPU tile sizes (128 x 64 forward, up to 64 x 128 dK/dV) and the GQA split of the dK/dV grid, run by the
+# interpreter: lengths span a few GPU blocks, documents start and end inside and across blocks.
+GPU_TILE_CASES = [
+    (1, 4, 1, 260, 260, 64, True, None, 4),  # packed rows, GQA 4 (split dK/dV grid)
+    (1, 2, 2, 260, 260, 16, True, None, 3),  # head dim 16
+    (1, 2, 1, 200, 200, 128, True, 70, 2),  # window and documents, head dim 128
+    (1, 2, 1, 150, 330, 32, True, None, 3),  # Tq < Tk with documents
+    (1, 2, 1, 200, 200, 96, False, None, 3),  # documents without causal
+]
+
+
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=[str(i) for i in range(len(GPU_TILE_CASES))])
+def test_triton_gpu_tiles_match_float64(case, monkeypatch):
+    monkeypatch.setattr(fa, "GPU_TILES_ON_CPU", True)
+    check_against_reference(fa.attention_triton, *case, dtype=torch.float32, seed=zlib.crc32(repr(case).encode()))
+
+
+def test_triton_gpu_tiles_fp16_packed(monkeypatch):
+    monkeypatch.setattr(fa, "GPU_TILES_ON_CPU", True)
+    check_against_reference(fa.attention_triton, 1, 2, 1, 200, 200, 64, True, None, 5, dtype=torch.float16, seed=31)
+
+
+def test_gqa_split_is_used_with_few_programs(monkeypatch):
+    """B x Hkv x key blocks far below the target: the dK/dV group of 8 query heads is split over programs."""
+    monkeypatch.setattr(fa, "GPU_TILES_ON_CPU", True)
+    dk, _ = fa.dkdv_outputs(torch.zeros(1, 1, 300, 64), n_heads=8, gpu=True)
+    assert dk.shape[0] == 8 and dk.dtype == torch.float32
+    dk, _ = fa.dkdv_outputs(torch.zeros(64, 8, 2048, 64), n_heads=32, gpu=True)
+    assert dk.shape[0] == 1
+
+
+@pytest.mark.parametrize("block_q,block_k", [(16, 32), (128, 64), (64, 128)])
+def test_segment_ranges_cover_every_visible_pair(block_q, block_k):
+    """Host-side document ranges: every (query, key) pair with equal ids lies inside its block's [lo, hi), and
+    every pair inside [full_lo, full_hi) has equal ids; also for ids that repeat in separate runs."""
+    gen = torch.Generator().manual_seed(block_q + block_k)
+    tq, tk = 190, 300
+    ids = torch.cat([packed_segment_ids(2, tk, 6, gen), torch.tensor([[0] * 100 + [1] * 100 + [0] * 100])])
+    ranges = fa._SegmentRanges(ids, tq, tk, "cpu")
+    fq = tk - tq
+    same = ids[:, fq:, None] == ids[:, None, :]  # [B, Tq, Tk]
+    for b, blocks in enumerate(ranges.key_ranges(block_q, block_k).tolist()):
+        for j, (lo, hi, full_lo, full_hi) in enumerate(blocks):
+            rows = same[b, j * block_q:(j + 1) * block_q]
+            keys = rows.any(0).nonzero().flatten()
+            assert lo % block_k == 0 and lo <= keys.min() and keys.max() < hi
+            if full_lo < full_hi:
+                assert full_lo % block_k == 0 and full_hi % block_k == 0 and rows[:, full_lo:full_hi].all()
+    for b, blocks in enumerate(ranges.query_ranges(block_q, block_k).tolist()):
+        for i, (lo, hi, full_lo, full_hi) in enumerate(blocks):
+            cols = same[b, :, i * block_k:(i + 1) * block_k]
+            rows = cols.any(1).nonzero().flatten()
+            if len(rows):
+                assert lo % block_q == 0 and lo <= rows.min() and rows.max() < hi
+            if full_lo < min(full_hi, tq):
+                assert cols[full_lo:full_hi].all()
+
+
+def test_triton_interleaved_segment_ids(monkeypatch):
+    """Ids that repeat in separate runs (a document in two pieces) stay exact on the Triton side too."""
+    monkeypatch.setattr(fa, "GPU_TILES_ON_CPU", True)
+    (q, k, v, do), _ = make_inputs(1, 2, 1, 200, 200, 32, torch.float32, seed=37)
+    segment_ids = torch.tensor([[0] * 70 + [1] * 60 + [0] * 40 + [2] * 30])
+    expected = float64_reference(q, k, v, do, False, None, segment_ids)
+    assert_matches(run_attention(fa.attention_triton, q, k, v, do, False, None, segment_ids), expected,
+                   torch.float32)
+
+
 def test_triton_model_layout_and_output_strides():
     """q/k/v as transposed [B, T, H, D] views (what the model passes); o keeps q's layout, dq keeps q's."""
     out, dq, _, _ = check_against_reference(fa.attention_triton, 2, 4, 2, 33, 33, 32, True, None, 2,
