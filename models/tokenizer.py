@@ -12,6 +12,7 @@ transformers' `AutoTokenizer` loads.
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import datetime
 from functools import lru_cache
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import sentencepiece
 import tokenizers
-from tokenizers import AddedToken, decoders, normalizers, processors
+from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
+
+from . import gguf
+from .config import CheckpointError
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -30,6 +34,12 @@ SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 # SentencePiece piece types (sentencepiece_model.proto), also used by llama.cpp's `tokenizer.ggml.token_type`.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def encode_threads() -> int:
+    """Threads for batch encoding: the cores this process may use, shared among torchrun's ranks on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 class TokenizerError(ValueError):
@@ -189,7 +199,7 @@ class SentencePieceTokenizer(Tokenizer):
         plain = [t for t in texts if self._special_split.search(t) is None]
         if len(plain) < len(texts):
             return [self._encode(t) for t in texts]
-        return self.sp.encode(texts, num_threads=2)
+        return self.sp.encode(texts, num_threads=encode_threads())
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -310,6 +320,82 @@ def sentencepiece_to_tokenizers(pieces: list[str], scores: list[float], kinds: l
     return backend
 
 
+# ---- the vocabulary inside a GGUF -> `tokenizers` ----
+
+# llama.cpp pre-tokenizer names of byte-level BPE vocabularies: digits split one by one, then GPT-2's regex.
+DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact"}
+GPT2_PRE = {"gpt2", "default"}
+
+
+def _byte_level_backend(tokens: list[str], merges: list[str], kinds: list[int], pre: str, source: str):
+    """GPT-2 style byte-level BPE (SmolLM2): the same tokenizer a `tokenizer.json` with this vocabulary describes."""
+    if pre in DIGIT_SPLIT_PRE:
+        pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif pre in GPT2_PRE:
+        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        raise TokenizerError(f"{source}: byte-level pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported; "
+                             f"supported: {sorted(DIGIT_SPLIT_PRE | GPT2_PRE)}")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise TokenizerError(f"{source}: malformed merge {merge!r} in tokenizer.ggml.merges")
+        pairs.append((left, right))
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
+                                                        byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, kinds) if k == CONTROL]
+    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, kinds) if k == USER_DEFINED]
+    backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+    return backend
+
+
+def tokenizer_from_gguf(reader, source: str = "gguf") -> HFTokenizer:
+    kind = gguf.metadata(reader, "tokenizer.ggml.model")
+    tokens = gguf.metadata(reader, "tokenizer.ggml.tokens")
+    if kind is None or tokens is None:
+        raise TokenizerError(f"{source}: no tokenizer.ggml.model / tokenizer.ggml.tokens metadata in this GGUF")
+    kinds = gguf.metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    def token(key):
+        index = gguf.metadata(reader, f"tokenizer.ggml.{key}")
+        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+    special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+               "pad_token": token("padding_token_id"), "unk_token": token("unknown_token_id")}
+    if kind == "gpt2":
+        backend = _byte_level_backend(tokens, gguf.metadata(reader, "tokenizer.ggml.merges") or [], kinds,
+                                      gguf.metadata(reader, "tokenizer.ggml.pre", "default"), source)
+        add_bos = bool(gguf.metadata(reader, "tokenizer.ggml.add_bos_token", False))
+    elif kind == "llama":
+        scores = gguf.metadata(reader, "tokenizer.ggml.scores")
+        if scores is None:
+            raise TokenizerError(f"{source}: a SentencePiece vocabulary without tokenizer.ggml.scores")
+        add_bos = bool(gguf.metadata(reader, "tokenizer.ggml.add_bos_token", True))
+        backend = sentencepiece_to_tokenizers(tokens, scores, kinds, bos_token=special["bos_token"], add_bos=add_bos)
+    else:
+        raise TokenizerError(f"{source}: tokenizer.ggml.model={kind!r} is not supported; supported: gpt2, llama")
+    return HFTokenizer(backend, source, special_tokens=special,
+                       chat_template=gguf.metadata(reader, "tokenizer.chat_template"), add_bos_token=add_bos,
+                       model_max_length=gguf.metadata(reader, "llama.context_length"))
+
+
+def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:
+    """The tokenizer described by the vocabulary a GGUF carries."""
+    try:
+        reader = gguf.open_gguf(path)
+    except CheckpointError as err:
+        raise TokenizerError(str(err)) from None
+    return tokenizer_from_gguf(reader, source=str(path))
+
+
 # ---- chat templates ----
 
 def _raise_exception(message):
@@ -425,7 +511,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             return load_tokenizer(ggufs[0])
         raise TokenizerError(f"{path}: no {TOKENIZER_JSON} or {SENTENCEPIECE_MODEL} in this directory")
     if path.suffix == ".gguf":
-        from .gguf import load_gguf_tokenizer
         return load_gguf_tokenizer(path)
     config = read_tokenizer_config(path.parent)
     if path.suffix == ".json":
