@@ -113,11 +113,22 @@ def _chunked_linear_cross_entropy(hidden, weight, labels, ignore_index, chunk, r
         if write_grad and need_dh:
             torch.matmul(grad, weight, out=dh[start:end])  # [C, H]
         if write_grad and need_dw:
-            if grad.dtype == torch.float32:
-                dw.addmm_(grad.T, h_chunk)
-            else:
-                dw.add_(grad.T @ h_chunk)
+            _accumulate_dw(dw, grad, h_chunk)
     return loss, dh, dw
+
+
+def _accumulate_dw(dw, grad, h_chunk):
+    """dw [V, H] fp32 += grad^T [V, C] h_chunk [C, H], in place: no [V, H] temporary per chunk."""
+    if grad.dtype == torch.float32:
+        dw.addmm_(grad.T, h_chunk)
+        return
+    if grad.is_cuda:
+        try:  # cuBLAS: 16-bit inputs, fp32 accumulator read and written in place (beta = 1)
+            torch.addmm(dw, grad.T, h_chunk, out_dtype=torch.float32, out=dw)
+            return
+        except (RuntimeError, TypeError):  # a torch without addmm's out_dtype
+            pass
+    dw.addmm_(grad.T.float(), h_chunk.float())  # fp32 copies of the chunk: [C, V] and [C, H], not [V, H]
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -150,8 +161,12 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             return dh, dw.to(weight.dtype) if need_dw else None, None, None, None, None, None, None
         dh, dw, n_valid = ctx.saved_tensors
         scale = grad_output / n_valid.clamp(min=1) if ctx.reduction == "mean" else grad_output  # fp32 scalar
-        dh = dh.mul_(scale) if need_dh else None
-        dw = dw.mul_(scale).to(ctx.weight_dtype) if need_dw else None
+        # New tensors: the saved dh, dw stay as they are, so a second backward (retain_graph) gets the same.
+        dh = dh * scale.to(dh.dtype) if need_dh else None
+        if need_dw:
+            dw = dw * scale if ctx.weight_dtype == torch.float32 else dw.to(ctx.weight_dtype).mul_(scale)
+        else:
+            dw = None
         return dh, dw, None, None, None, None, None, None
 
 

@@ -87,3 +87,34 @@ def test_bad_labels_and_reduction_are_clear_errors(side):
         SIDES[side](hidden, weight, labels)
     with pytest.raises(ValueError, match="reduction"):
         SIDES[side](hidden, weight, labels.clamp(max=9), reduction="avg")
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("dtype", dtypes_to_test())
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_second_backward_with_retain_graph(side, dtype, reduction):
+    """The gradient is computed in the forward and only scaled in the backward: a second backward through the same
+    graph (retain_graph) must give the same gradients, scaled by its own grad_output."""
+    hidden, weight, labels = make_inputs(29, 24, 101, dtype)
+    loss = SIDES[side](hidden, weight, labels, ignore_index=IGNORE, reduction=reduction, chunk_size=8)
+    first = torch.autograd.grad(loss, (hidden, weight), torch.tensor(1.0, device=loss.device), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight), torch.tensor(3.0, device=loss.device))
+    hidden64, weight64 = as_float64_leaves(hidden, weight)
+    expected = torch.autograd.grad(ce.fused_linear_cross_entropy_reference(hidden64, weight64, labels, IGNORE,
+                                                                            reduction), (hidden64, weight64))
+    for name, a, b, e in zip(("dhidden", "dweight"), first, second, expected):
+        assert_close64(a, e, dtype, name)
+        assert_close64(b, 3 * e, dtype, f"{name} (second backward)")
+
+
+def test_weight_gradient_accumulates_in_place():
+    """16-bit chunks add into the fp32 [V, H] accumulator itself (addmm into it, no [V, H] product per chunk)."""
+    v, h, c = 300, 40, 8
+    dw = torch.zeros(v, h)
+    storage = dw.data_ptr()
+    grad, h_chunk = torch.randn(c, v, dtype=torch.float16), torch.randn(c, h, dtype=torch.float16)
+    expected = grad.double().T @ h_chunk.double()
+    for times in (1, 2):
+        ce._accumulate_dw(dw, grad, h_chunk)
+        torch.testing.assert_close(dw.double(), times * expected, atol=1e-3, rtol=1e-3)
+    assert dw.data_ptr() == storage and dw.dtype == torch.float32
