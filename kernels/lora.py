@@ -14,6 +14,10 @@ the one x tile it reads. Partials are per M-group (deterministic, no atomics) an
 program recomputes dy B for its rows (R / BK extra FLOPs). When x needs no gradient (layer 0 over a frozen
 embedding) there is no dy W to fuse with, and dA, dB are three thin torch matmuls; an unfrozen W's dW is a torch
 matmul too.
+
+On CUDA, `ops.lora_linear` takes the torch side by default (two cuBLAS matmuls and an in-place addmm_): without a
+GPU measurement showing this kernel faster at real shapes and ranks 8-128, cuBLAS is the safer bet (this kernel
+has no grouped tile order and recomputes x A^T per N block). HIPPO_KERNELS=triton selects it.
 """
 import torch
 import triton
@@ -92,13 +96,50 @@ def _lora_backward_kernel(dy_ptr, x_ptr, w_ptr, a_ptr, b_ptr, xa_ptr, dx_ptr, da
         tl.store(da_partial_ptr + (pid_g * BR + rr[:, None]) * K + rk[None, :], da_acc, mask=rk[None, :] < K)
 
 
-def _blocks(x, rank):
-    """Tile sizes (R padded to a tl.dot-able 16+) and launch options; fp32 matmuls stay exact (no tf32)."""
+# GPU tiles per padded rank (BM, BN, BK, num_warps, num_stages): the rank tile BR is at most 128 and the M/N/K tiles
+# shrink as it grows, so the backward's x, W, dy, B, A tiles and its [BM, BR], [BR, BK] accumulators stay under the
+# sm_90 shared-memory and register limits (benchmarks/compile_check.py checks every rank).
+_GPU_TILES = {16: (64, 128, 64, 4, 3), 32: (64, 128, 64, 4, 3), 64: (64, 128, 32, 4, 3), 128: (64, 64, 32, 8, 2)}
+MAX_RANK = 128
+# Set by tests: the interpreter runs the GPU tiles instead of its small ones.
+GPU_TILES_ON_CPU = False
+
+
+def _blocks(dtype, rank, gpu):
+    """Tile sizes (R padded to a tl.dot-able 16+) and launch options. fp32: IEEE dots under the interpreter (exact
+    tests), tf32 on a GPU (IEEE dots there run on CUDA cores)."""
     br = max(16, triton.next_power_of_2(rank))
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # "tf32" is the default and moot for 16-bit inputs
-    if x.is_cuda:
-        return dict(BM=64, BN=128, BK=64, BR=br, PRECISION=precision), dict(num_warps=4, num_stages=3)
+    precision = "ieee" if dtype == torch.float32 and not gpu else "tf32"
+    if gpu:
+        bm, bn, bk, warps, stages = _GPU_TILES[br]
+        return dict(BM=bm, BN=bn, BK=bk, BR=br, PRECISION=precision), dict(num_warps=warps, num_stages=stages)
     return dict(BM=32, BN=32, BK=32, BR=br, PRECISION=precision), {}
+
+
+def forward_launch(x2, weight, lora_a, lora_b, y, xa, scale, gpu):
+    """(kernel, grid, args, options) of the forward; the compile check builds the same launch."""
+    m, k = x2.shape
+    n, r = lora_b.shape
+    blocks, launch = _blocks(x2.dtype, r, gpu)
+    grid = (triton.cdiv(m, blocks["BM"]), triton.cdiv(n, blocks["BN"]))
+    return _lora_forward_kernel, grid, (x2, weight, lora_a, lora_b, y, xa, float(scale), m, n, k, r), \
+        dict(blocks, **launch)
+
+
+def backward_launch(dy2, x2, weight, lora_a, lora_b, xa, dx, scale, need_da, need_db, gpu, programs):
+    """((kernel, grid, args, options), dA partials [G, BR, K] fp32 or None, dB partials [G, N, BR] fp32 or None)."""
+    m, k = x2.shape
+    n, r = lora_b.shape
+    blocks, launch = _blocks(x2.dtype, r, gpu)
+    br = blocks["BR"]
+    m_blocks, k_blocks = triton.cdiv(m, blocks["BM"]), triton.cdiv(k, blocks["BK"])
+    n_groups = max(1, min(m_blocks, programs // k_blocks))
+    da_partial = torch.empty(n_groups, br, k, dtype=torch.float32, device=x2.device) if need_da else None
+    db_partial = torch.zeros(n_groups, n, br, dtype=torch.float32, device=x2.device) if need_db else None
+    args = (dy2, x2, weight, lora_a, lora_b, xa, dx, da_partial, db_partial, float(scale), m, n, k, r, n_groups)
+    launch = (_lora_backward_kernel, (n_groups, k_blocks), args,
+              dict(blocks, COMPUTE_DA=need_da, COMPUTE_DB=need_db, **launch))
+    return launch, da_partial, db_partial
 
 
 def _check(x, weight, lora_a, lora_b):
@@ -123,11 +164,10 @@ class LoRALinearTriton(torch.autograd.Function):
         # [..., N], row-major as the kernel's [M, N]; returned as is (not a view), so a caller may add into it
         y = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
         xa = torch.empty(m, r, dtype=x.dtype, device=x.device)
-        blocks, launch = _blocks(x, r)
         if m and n:
-            grid = (triton.cdiv(m, blocks["BM"]), triton.cdiv(n, blocks["BN"]))
-            _lora_forward_kernel[grid](x2, weight, lora_a, lora_b, y, xa, float(scale), m, n, k, r, **blocks,
-                                       **launch)
+            kernel, grid, args, options = forward_launch(x2, weight, lora_a, lora_b, y, xa, scale,
+                                                         x.is_cuda or GPU_TILES_ON_CPU)
+            kernel[grid](*args, **options)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
         ctx.scale, ctx.lead = scale, lead
         return y
@@ -145,17 +185,12 @@ class LoRALinearTriton(torch.autograd.Function):
             da = (dxa.T @ x2) if need_da else None
             db = (dy2.T @ xa) * ctx.scale if need_db else None
             return None, dw, da, db, None
-        blocks, launch = _blocks(x2, r)
-        br = blocks["BR"]
-        m_blocks, k_blocks = triton.cdiv(m, blocks["BM"]), triton.cdiv(k, blocks["BK"])
-        n_groups = max(1, min(m_blocks, _parallel_programs(x2.device) // k_blocks))
         dx = torch.empty_like(x2)
-        da_partial = torch.empty(n_groups, br, k, dtype=torch.float32, device=x2.device) if need_da else None
-        db_partial = torch.zeros(n_groups, n, br, dtype=torch.float32, device=x2.device) if need_db else None
+        (kernel, grid, args, options), da_partial, db_partial = backward_launch(
+            dy2, x2, weight, lora_a, lora_b, xa, dx, ctx.scale, need_da, need_db, x2.is_cuda or GPU_TILES_ON_CPU,
+            _parallel_programs(x2.device))
         if m:
-            _lora_backward_kernel[(n_groups, k_blocks)](
-                dy2, x2, weight, lora_a, lora_b, xa, dx, da_partial, db_partial, float(ctx.scale), m, n, k, r,
-                n_groups, **blocks, COMPUTE_DA=need_da, COMPUTE_DB=need_db, **launch)
+            kernel[grid](*args, **options)
         da = (da_partial[:, :r].sum(0) if m else torch.zeros_like(lora_a, dtype=torch.float32)) if need_da else None
         db = (db_partial[:, :, :r].sum(0) * ctx.scale) if need_db else None
         return (dx.view(*ctx.lead, k), dw,
@@ -170,6 +205,9 @@ def _parallel_programs(device):
 
 def lora_linear_triton(x, weight, lora_a, lora_b, scale):
     _check(x, weight, lora_a, lora_b)
+    if lora_a.shape[0] > MAX_RANK:
+        raise ValueError(f"lora_linear: rank {lora_a.shape[0]} > {MAX_RANK} is not supported by the Triton kernel; "
+                         f"HIPPO_KERNELS=torch takes the torch path")
     return LoRALinearTriton.apply(x, weight, lora_a, lora_b, scale)
 
 

@@ -8,13 +8,15 @@ import os
 import torch
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor, cuda_default: bool = True) -> bool:
+    """HIPPO_KERNELS when set; else Triton for CUDA tensors (unless cuda_default=False: an op whose torch side is
+    the faster one on a GPU)."""
     choice = os.environ.get("HIPPO_KERNELS", "").strip().lower()
     if choice not in ("", "triton", "torch"):
         raise ValueError(f"HIPPO_KERNELS={choice!r}: expected 'triton' or 'torch'")
     if choice:
         return choice == "triton"
-    return t.is_cuda
+    return t.is_cuda and cuda_default
 
 
 def rms_norm(x, weight, eps):
@@ -35,9 +37,13 @@ def attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, scale
 
 
 def lora_linear(x, weight, lora_a, lora_b, scale):
-    """x [..., in], weight [out, in], lora_a [r, in], lora_b [out, r] -> x W^T + scale (x A^T) B^T."""
+    """x [..., in], weight [out, in], lora_a [r, in], lora_b [out, r] -> x W^T + scale (x A^T) B^T.
+
+    CUDA takes the torch side (two cuBLAS matmuls and an in-place addmm_) unless HIPPO_KERNELS=triton: the fused
+    kernel has not been measured faster than it (see kernels/lora.py)."""
     from . import lora as op
-    return (op.lora_linear_triton if use_triton(x) else op.lora_linear_torch)(x, weight, lora_a, lora_b, scale)
+    fn = op.lora_linear_triton if use_triton(x, cuda_default=False) else op.lora_linear_torch
+    return fn(x, weight, lora_a, lora_b, scale)
 
 
 def apply_rope(q, k, cos, sin):

@@ -61,3 +61,28 @@ def test_mismatched_shapes_are_a_clear_error(side):
     x, weight, lora_a, lora_b = make_inputs((2,), 16, 8, 4, torch.float32)
     with pytest.raises(ValueError, match="lora_linear"):
         SIDES[side](x, weight, lora_a[:, :15], lora_b, 1.0)
+
+
+@pytest.mark.parametrize("r", [8, 64, 128])
+def test_gpu_tiles_every_rank_tile(r, monkeypatch, poisoned):
+    """The GPU tile sizes (rank tile up to 128, M/N/K tiles shrinking with it) under the interpreter."""
+    monkeypatch.setattr(lora, "GPU_TILES_ON_CPU", True)
+    check_against_float64("triton", make_inputs((70,), 96, 130, r, torch.float32), 2.0, torch.float32)
+
+
+def test_rank_above_the_kernel_tile_is_a_clear_error():
+    x, weight, lora_a, lora_b = make_inputs((2,), 16, 8, 129, torch.float32)
+    with pytest.raises(ValueError, match="rank 129"):
+        lora.lora_linear_triton(x, weight, lora_a, lora_b, 1.0)
+    lora.lora_linear_torch(x, weight, lora_a, lora_b, 1.0)  # the torch side has no rank bound
+
+
+def test_cuda_defaults_to_the_torch_side(monkeypatch):
+    from hippocrates.kernels import ops
+
+    class FakeCuda:
+        is_cuda = True
+    monkeypatch.delenv("HIPPO_KERNELS", raising=False)
+    assert not ops.use_triton(FakeCuda(), cuda_default=False) and ops.use_triton(FakeCuda())
+    monkeypatch.setenv("HIPPO_KERNELS", "triton")
+    assert ops.use_triton(FakeCuda(), cuda_default=False)
