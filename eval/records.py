@@ -38,7 +38,10 @@ def resolve_data_path(source: str, search_dirs: list, task: str) -> Path | str:
     return source
 
 
-def read_records(source: Path | str, split: str | None = None, subset: str | None = None) -> list[Record]:
+def read_records(source: Path | str, split: str | None = None, subset: str | None = None,
+                 columns: list[str] | None = None) -> list[Record]:
+    """columns: the field names of a headerless CSV (MMLU's layout), in column order; a CSV without them has a
+    header line."""
     if isinstance(source, str):
         return _read_hub(source, split, subset)
     if not source.is_file():
@@ -50,9 +53,7 @@ def read_records(source: Path | str, split: str | None = None, subset: str | Non
         if suffix == ".json":
             return _read_json(source)
         if suffix == ".csv":
-            with open(source, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                return [Record(str(i), f"{source}:line {reader.line_num}", row) for i, row in enumerate(reader)]
+            return _read_csv(source, columns)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
             rows = pq.read_table(source).to_pylist()
@@ -62,6 +63,19 @@ def read_records(source: Path | str, split: str | None = None, subset: str | Non
     except (csv.Error, OSError, ValueError) as err:  # bad bytes, bad CSV; pyarrow's errors derive from these too
         raise EvalError(f"{source}: cannot read ({type(err).__name__}: {err})") from None
     raise EvalError(f"{source}: unsupported data file type {suffix!r} (expected .json, .jsonl, .csv or .parquet)")
+
+
+def _read_csv(path: Path, columns: list[str] | None) -> list[Record]:
+    records = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, fieldnames=columns)
+        for row in reader:
+            where = f"{path}:line {reader.line_num}"
+            if columns is not None and (None in row or None in row.values()):  # extra fields / missing fields
+                found = sum(row[c] is not None for c in columns) + len(row.get(None) or [])
+                raise EvalError(f"{where}: {found} fields where `columns` names {len(columns)}")
+            records.append(Record(str(len(records)), where, row))
+    return records
 
 
 def _read_jsonl(path: Path) -> list[Record]:

@@ -1,13 +1,18 @@
 """Batched log-likelihood of continuations: the shared context computed once, the LM head only where a token is scored.
 
-Token boundary (lm-evaluation-harness's `_encode_pair`): trailing spaces of the context move to the front of the
-continuation; then `whole = encode(context + continuation)`, `ctx = encode(context)` and the continuation's tokens are
-`whole[len(ctx):]`. The model reads `ctx + those tokens`, so all choices of an item share `ctx` exactly.
+Token boundary, two rules (`encode_request`'s `boundary`):
+- "joint", lm-evaluation-harness 0.4's `_encode_pair`: trailing spaces of the context move to the front of the
+  continuation; then `whole = encode(context + continuation)`, `ctx = encode(context)` and the continuation's tokens
+  are `whole[len(ctx):]`.
+- "separate", lm-evaluation-harness v0.3's `loglikelihood` (the Hippocrates paper's fork): `encode(context)` and
+  `encode(continuation)`, each on its own.
+The model reads `ctx + continuation tokens`, so all choices of an item share `ctx` exactly.
 
-BOS: prepended to the context when the tokenizer's own default does so, as lm-evaluation-harness does with its
-Hugging Face backend (`add_bos_token=None`): SentencePiece LLaMA-2 / Mistral tokenizers start every text with BOS,
-SmolLM2's GPT-2-style BPE tokenizer adds nothing. `add_bos=True/False` overrides. An empty context becomes [BOS]
-(or [EOS] when there is no BOS).
+BOS: with the joint rule, prepended to the context when the tokenizer's own default does so, as lm-evaluation-harness
+0.4 does with its Hugging Face backend (`add_bos_token=None`): SentencePiece LLaMA-2 / Mistral tokenizers start every
+text with BOS, SmolLM2's GPT-2-style BPE tokenizer adds nothing. v0.3 encodes with `add_special_tokens=False`: no BOS
+(`default_add_bos(tokenizer, "separate")`). `add_bos=True/False` overrides. An empty context becomes [BOS] (or [EOS]
+when there is no BOS).
 
 Window: the model reads ctx + cont[:-1]; a context too long for the window W loses its first tokens so that the
 longest choice fits (ctx[-(W + 1 - longest):]). For the longest choice this is lm-evaluation-harness's
@@ -44,8 +49,11 @@ class EncodedRequest:
     truncated: bool = False
 
 
-def default_add_bos(tokenizer) -> bool:
-    """Whether the tokenizer's Hugging Face counterpart adds BOS by default (what lm-evaluation-harness follows)."""
+def default_add_bos(tokenizer, boundary: str = "joint") -> bool:
+    """Whether the tokenizer's Hugging Face counterpart adds BOS by default (what lm-evaluation-harness 0.4 follows);
+    never under v0.3's separate rule, which encodes without special tokens."""
+    if boundary == "separate":
+        return False
     flag = getattr(tokenizer, "add_bos_token", None)
     if flag is not None:
         return bool(flag)
@@ -58,18 +66,33 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer.encode(t, bos=False) for t in texts]
 
 
-def encode_request(tokenizer, context: str, continuations: list[str], add_bos: bool,
-                   max_length: int) -> EncodedRequest:
-    """Token ids with lm-evaluation-harness's boundary; contexts left-truncated so the longest choice fits."""
-    n_spaces = len(context) - len(context.rstrip())
+BOUNDARIES = ("joint", "separate")  # lm-evaluation-harness 0.4's rule; its v0.3's (the Hippocrates paper's fork)
+
+
+def encode_request(tokenizer, context: str, continuations: list[str], add_bos: bool, max_length: int,
+                   boundary: str = "joint") -> EncodedRequest:
+    """Token ids of a context and its continuations; contexts left-truncated so the longest choice fits.
+
+    boundary "joint" (lm-evaluation-harness 0.4): trailing context spaces move to the continuations, which are
+    `encode(context + continuation)[len(encode(context)):]`.
+    boundary "separate" (lm-evaluation-harness v0.3's `loglikelihood`): `encode(context)` and `encode(continuation)`
+    each on its own, nothing moved. A SentencePiece tokenizer then starts " Disclose" with its own word-start piece:
+    ['▁', '▁Dis', 'close'], where the joint rule gives ['▁Dis', 'close'].
+    """
+    if boundary not in BOUNDARIES:
+        raise EvalError(f"token boundary {boundary!r}: expected one of {', '.join(BOUNDARIES)}")
+    n_spaces = len(context) - len(context.rstrip()) if boundary == "joint" else 0
     if n_spaces:
         continuations = [context[-n_spaces:] + c for c in continuations]
         context = context[:-n_spaces]
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    if context:
+    if context and boundary == "joint":
         ctx, *wholes = _encode_many(tokenizer, [context] + [context + c for c in continuations])
         ctx = bos + ctx
         conts = [(bos + whole)[len(ctx):] for whole in wholes]
+    elif context:
+        ctx, *conts = _encode_many(tokenizer, [context] + continuations)
+        ctx = bos + ctx
     else:
         ctx = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
         conts = _encode_many(tokenizer, continuations)
@@ -122,10 +145,11 @@ DEFAULT_BATCH_SIZE = 8
 
 @torch.inference_mode()
 def score_requests(model, requests: list[EncodedRequest], batch_size: int | None = None, progress: bool = True,
-                   desc: str = "scoring", cache_bytes: int = DEFAULT_CACHE_BYTES) -> list[list[float]]:
+                   desc: str = "scoring", cache_bytes: int = DEFAULT_CACHE_BYTES, greedy: bool = False) -> list[list]:
     """Sum of log-probs of each continuation given its context: one list of floats per request.
 
-    batch_size: items per batch (default 8); fewer when their KV caches would pass cache_bytes."""
+    batch_size: items per batch (default 8); fewer when their KV caches would pass cache_bytes.
+    greedy: each entry becomes (log-likelihood, whether every token is the argmax), lm-evaluation-harness's pair."""
     weight = model.output_weight
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     batches = make_batches(requests, batch_size, cache_bytes_per_token(model.config, weight.dtype), cache_bytes,
@@ -133,7 +157,7 @@ def score_requests(model, requests: list[EncodedRequest], batch_size: int | None
     results: list[list[float] | None] = [None] * len(requests)
     with tqdm(total=len(requests), desc=desc, disable=not progress, unit="item") as bar:
         for batch in batches:
-            for i, lls in zip(batch, _score_batch(model, [requests[i] for i in batch])):
+            for i, lls in zip(batch, _score_batch(model, [requests[i] for i in batch], greedy)):
                 results[i] = lls
             bar.update(len(batch))
     return results
@@ -163,7 +187,7 @@ class ContinuationRows:
         return max(map(len, self.tokens), default=0)
 
 
-def _score_batch(model, requests: list[EncodedRequest]) -> list[list[float]]:
+def _score_batch(model, requests: list[EncodedRequest], greedy: bool = False) -> list[list]:
     weight = model.output_weight
     rows = ContinuationRows.of(requests)
     ctx_lens = [len(r.context) for r in requests]
@@ -175,7 +199,7 @@ def _score_batch(model, requests: list[EncodedRequest]) -> list[list[float]]:
         hidden.append(_continuation_pass(model, rows, ctx_lens, row_cache))  # [R * Tc, H]
     # Looked up again after the forwards: under FSDP2 the weight read before them is a sharded DTensor, and the
     # forward leaves the root's full weight in its place.
-    return _sum_logprobs(model.output_weight, requests, rows, torch.cat(hidden))
+    return _sum_logprobs(model.output_weight, requests, rows, torch.cat(hidden), greedy)
 
 
 def _context_pass(model, requests, rows: ContinuationRows, row_cache: KVCache | None):
@@ -220,7 +244,7 @@ def _continuation_pass(model, rows: ContinuationRows, ctx_lens: list[int], row_c
     return hidden.reshape(len(rows.tokens) * tc, -1)
 
 
-def _sum_logprobs(weight, requests, rows: ContinuationRows, hidden) -> list[list[float]]:
+def _sum_logprobs(weight, requests, rows: ContinuationRows, hidden, greedy: bool = False) -> list[list]:
     """LM head + log-softmax on the hidden states that predict a continuation token; sum per continuation.
 
     hidden: [B + R * Tc, H], the contexts' last positions, then the continuation rows."""
@@ -241,10 +265,15 @@ def _sum_logprobs(weight, requests, rows: ContinuationRows, hidden) -> list[list
     device = hidden.device
     picked = hidden[torch.tensor(used, device=device)].float()  # [M, H]
     logprobs = F.linear(picked, weight.float()).log_softmax(-1)  # [M, V], fp32 even for a bf16 model
-    token_logprobs = logprobs[torch.tensor([where[p] for p in positions], device=device),
-                              torch.tensor(targets, device=device)]  # [N]
+    scored, targets = torch.tensor([where[p] for p in positions], device=device), torch.tensor(targets, device=device)
+    token_logprobs = logprobs[scored, targets]  # [N]
+    owner = torch.tensor(owner, device=device)
     sums = torch.zeros(num_continuations, dtype=torch.float64, device=device)
-    sums = sums.index_add_(0, torch.tensor(owner, device=device), token_logprobs.double()).tolist()
+    sums = sums.index_add_(0, owner, token_logprobs.double()).tolist()
+    if greedy:  # a continuation is greedy when none of its tokens misses its position's argmax
+        misses = torch.zeros(num_continuations, device=device)
+        misses = misses.index_add_(0, owner, (logprobs.argmax(-1)[scored] != targets).float())
+        sums = list(zip(sums, (misses == 0).tolist()))
     out, k = [], 0
     for req in requests:
         out.append(sums[k:k + len(req.continuations)])

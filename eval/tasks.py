@@ -4,11 +4,14 @@ Built-in specs cover MedQA, MedMCQA and PubMedQA; any other set is a YAML/JSON f
 
     name: mmlu_anatomy
     data: /data/mmlu/anatomy_test.csv        # JSON, JSONL, CSV, parquet, or a Hugging Face hub name (+ split)
+    columns: [question, A, B, C, D, answer]  # a headerless CSV's fields, in order (MMLU's files)
     question: question
-    options: [A, B, C, D]                    # one field per option, or one field holding a dict / list
+    options: [A, B, C, D]                    # one field per option, or one field holding a dict / list (any number)
     answer: answer
     answer_format: letter                    # letter | index0 | index1 | text
     fewshot_data: /data/mmlu/anatomy_dev.csv # optional; default: the evaluated set itself, minus the item
+
+eval/specs/ holds documented examples (medqa_5options.yaml, mmlu_medical_csv.yaml).
 
 Protocols (the prompt and the continuations scored after it):
 - `letter`, lm-evaluation-harness's medqa_4options / medmcqa / pubmedqa: "Question: ...\\nA. ...\\n...Answer:",
@@ -67,12 +70,18 @@ class TaskSpec:
     select_ids: str | None = None  # a JSON file whose keys (object) or entries (list) are the evaluated ids
     fewshot_data: str | None = None  # a file, FEWSHOT_REST, or None: the evaluated set without the item
     fewshot_split: str | None = None
+    fewshot_fields: dict = field(default_factory=dict)  # keys of this spec that differ in the few-shot source
+    fewshot_pool_name: str | None = None  # what the pool is, for results.json ("train split", "MedQA dev", ...)
+    columns: list[str] | None = None  # field names of a headerless CSV (MMLU's), in column order
     prompts: dict[str, PromptFormat] = field(default_factory=lambda: {"letter": LETTER_PROMPT, "text": TEXT_PROMPT})
     base_dir: str | None = None  # where relative paths are looked up first (a spec file's folder)
 
     def __post_init__(self):
         if self.answer_format not in ANSWER_FORMATS:
             raise EvalError(f"task {self.name}: answer_format {self.answer_format!r}, expected one of {ANSWER_FORMATS}")
+        if self.columns is not None and not (isinstance(self.columns, list) and self.columns
+                                             and all(isinstance(c, str) for c in self.columns)):
+            raise EvalError(f"task {self.name}: `columns` must be a list of field names (a headerless CSV's)")
         if (self.options is None) == (self.choices is None):
             raise EvalError(f"task {self.name}: give exactly one of `options` (fields) and `choices` (fixed words)")
         self.prompts = {k: v if isinstance(v, PromptFormat) else _prompt_from_dict(v, self.name, k)
@@ -93,21 +102,52 @@ def _prompt_from_dict(raw, task: str, protocol: str) -> PromptFormat:
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     "medqa": TaskSpec(
         name="medqa", data="eval/medqa/test.jsonl", fewshot_data="eval/medqa/dev.jsonl",
+        fewshot_pool_name="MedQA dev split (no train split given; lm-eval draws from train)",
         question="question", options="options", answer="answer_idx", answer_format="letter",
     ),
     "medmcqa": TaskSpec(
         name="medmcqa", data="eval/medmcqa/dev.jsonl", id="id",
         question="question", options=["opa", "opb", "opc", "opd"], answer="cop", answer_format="index1",
+        fewshot_pool_name="the evaluated MedMCQA dev split minus the item (no train split given; lm-eval draws "
+                          "from train)",
         prompts={"letter": PromptFormat("Question: {question}\nChoices:\n{options}Answer:"), "text": TEXT_PROMPT},
     ),
     "pubmedqa": TaskSpec(
         name="pubmedqa", data="eval/pubmedqa/ori_pqal.json", select_ids="eval/pubmedqa/test_ground_truth.json",
         fewshot_data=FEWSHOT_REST, question="QUESTION", fields={"context": "CONTEXTS"},
+        fewshot_pool_name="the 500 PQA-L items outside the test split (no train fold given; lm-eval draws from "
+                          "fold 0's train)",
         choices=["yes", "no", "maybe"], answer="final_decision", answer_format="text",
         prompts={p: PromptFormat("Abstract: {context}\nQuestion: {question}\nAnswer:", continuation="text")
                  for p in PROTOCOLS},
     ),
 }
+
+
+# The train splits lm-evaluation-harness 0.4 draws few-shot examples from, by hub name: their split, subset and the
+# keys that differ from the built-in spec's (their records are laid out differently from ../shared/data's files).
+HUB_TRAIN_SPLITS = {
+    "medqa": {"GBaker/MedQA-USMLE-4-options-hf": dict(
+        fewshot_split="train", fewshot_fields={"question": "sent1", "options": ["ending0", "ending1", "ending2",
+                                                                                  "ending3"],
+                                               "answer": "label", "answer_format": "index0"})},
+    "medmcqa": {"openlifescienceai/medmcqa": dict(fewshot_split="train",
+                                                   fewshot_fields={"answer_format": "index0"})},  # cop 0-based there
+    "pubmedqa": {"bigbio/pubmed_qa": dict(fewshot_split="train", subset="pubmed_qa_labeled_fold0_source")},
+}
+
+
+def with_train_split(spec: TaskSpec, source: str, split: str | None = None) -> TaskSpec:
+    """The spec with its few-shot pool replaced by a train split: a local file laid out as the evaluated split, or
+    a hub name (the one lm-eval reads for a built-in task, or any hub dataset laid out as the evaluated split)."""
+    changes = dict(fewshot_data=source, fewshot_split=split, fewshot_fields={},
+                   fewshot_pool_name=f"train split: {source}" + (f"[{split}]" if split else ""))
+    known = HUB_TRAIN_SPLITS.get(spec.name, {}).get(source)
+    if known is not None:
+        changes.update(known)
+        changes["fewshot_split"] = split or known["fewshot_split"]
+        changes["fewshot_pool_name"] = f"train split: {source}[{changes['fewshot_split']}]"
+    return dataclasses.replace(spec, **changes)
 
 
 @dataclass
@@ -125,6 +165,7 @@ class Task:
     items: list[Item]
     fewshot_pool: list[Item]
     fewshot_excludes_self: bool  # the pool is the evaluated set: drop the item from its own examples
+    fewshot_pool_name: str = ""  # where the examples come from, for results.json and the report
 
 
 def load_spec(path: str | Path) -> TaskSpec:
@@ -234,7 +275,7 @@ def load_task(spec: TaskSpec | str, data_dir: str | Path | None = None, limit: i
         spec = resolve_spec(spec)
     data_dir = Path(data_dir) if data_dir is not None else _default_data_dir()
     source = resolve_data_path(spec.data, [spec.base_dir, data_dir], spec.name)
-    records = read_records(source, spec.split, spec.subset)
+    records = read_records(source, spec.split, spec.subset, columns=spec.columns)
     if not records:
         raise EvalError(f"task {spec.name}: {spec.data} holds no records")
     rest: list[Record] = []
@@ -250,15 +291,21 @@ def load_task(spec: TaskSpec | str, data_dir: str | Path | None = None, limit: i
         _check_template(spec, protocol, fmt, items[0])
     if limit is not None:
         items = items[:limit]
+    pool_spec = dataclasses.replace(spec, **spec.fewshot_fields) if spec.fewshot_fields else spec
     if spec.fewshot_data == FEWSHOT_REST:
-        pool, excludes_self = [make_item(spec, r) for r in rest], False
+        pool, excludes_self = [make_item(pool_spec, r) for r in rest], False
+        where = f"the records of {spec.data} outside {spec.select_ids}"
     elif spec.fewshot_data:
         source = resolve_data_path(spec.fewshot_data, [spec.base_dir, data_dir], spec.name)
-        pool = [make_item(spec, r) for r in read_records(source, spec.fewshot_split, spec.subset)]
+        pool = [make_item(pool_spec, r)
+                for r in read_records(source, spec.fewshot_split, spec.subset, columns=spec.columns)]
         excludes_self = False
+        where = str(source) + (f"[{spec.fewshot_split}]" if isinstance(source, str) and spec.fewshot_split else "")
     else:
         pool, excludes_self = [make_item(spec, r) for r in records], True
-    return Task(spec, items, pool, excludes_self)
+        where = f"{spec.data} itself, minus the item"
+    name = f"{spec.fewshot_pool_name} ({where})" if spec.fewshot_pool_name else where
+    return Task(spec, items, pool, excludes_self, f"{name}, {len(pool)} records")
 
 
 def _check_template(spec: TaskSpec, protocol: str, fmt: PromptFormat, item: Item):
@@ -293,16 +340,34 @@ def choice_labels(spec: TaskSpec, item: Item, fmt: PromptFormat) -> list[str]:
     return list(item.choices)
 
 
-def fewshot_examples(task: Task, item: Item, k: int, seed: int) -> list[Item]:
-    """k examples drawn from the pool by a generator seeded with (seed, task, item id): never the item itself."""
+def fewshot_draws(task: Task, items: list[Item], k: int, seed: int) -> list[list[Item]]:
+    """k examples for each item, as lm-evaluation-harness 0.4 draws them: one `random.Random(seed)` per task, one
+    `sample(pool, k)` per item in document order (so an item's examples depend on the items before it, as there).
+    A pool that is the evaluated set itself draws k + 1 and drops the item (lm-eval's rule when the few-shot split
+    is the test split)."""
     if k <= 0:
-        return []
-    rng = random.Random(f"{seed}:{task.spec.name}:{item.id}")
-    drawn = rng.sample(task.fewshot_pool, min(k + 1, len(task.fewshot_pool)))
-    shots = [ex for ex in drawn if not (task.fewshot_excludes_self and ex.id == item.id)][:k]
-    if len(shots) < k:
-        raise EvalError(f"task {task.spec.name}: {k} few-shot examples asked, the pool holds {len(shots)}")
-    return shots
+        return [[] for _ in items]
+    pool = task.fewshot_pool
+    need = k + 1 if task.fewshot_excludes_self else k
+    if len(pool) < need:
+        raise EvalError(f"task {task.spec.name}: {k} few-shot examples asked, the pool holds {len(pool)} "
+                        f"({task.fewshot_pool_name})")
+    rng = random.Random(seed)
+    draws = []
+    for item in items:
+        drawn = rng.sample(pool, need)
+        if task.fewshot_excludes_self:
+            drawn = [ex for ex in drawn if ex.id != item.id][:k]
+        draws.append(drawn)
+    return draws
+
+
+def fewshot_examples(task: Task, item: Item, k: int, seed: int) -> list[Item]:
+    """The k examples of one item of task.items (the draws of every item before it are replayed)."""
+    position = next((i for i, x in enumerate(task.items) if x is item or x.id == item.id), None)
+    if position is None:
+        raise EvalError(f"task {task.spec.name}: item {item.id!r} is not one of the task's items")
+    return fewshot_draws(task, task.items[:position + 1], k, seed)[-1]
 
 
 @dataclass
@@ -316,14 +381,24 @@ class Request:
     gold: int
 
 
-def build_request(task: Task, item: Item, protocol: str, num_fewshot: int = 0, seed: int = 1234) -> Request:
-    """lm-evaluation-harness's layout: examples as prompt + " " + answer, joined and followed by "\\n\\n"."""
+def build_requests(task: Task, items: list[Item], protocol: str, num_fewshot: int = 0,
+                   seed: int = 1234) -> list[Request]:
+    """One request per item, in order; the few-shot draws as `fewshot_draws` makes them."""
+    draws = fewshot_draws(task, items, num_fewshot, seed)
+    return [build_request(task, item, protocol, num_fewshot, seed, shots=shots) for item, shots in zip(items, draws)]
+
+
+def build_request(task: Task, item: Item, protocol: str, num_fewshot: int = 0, seed: int = 1234,
+                  shots: list[Item] | None = None) -> Request:
+    """lm-evaluation-harness's layout: examples as prompt + " " + answer + "\\n\\n", then the item's prompt.
+    shots: the item's examples (default: `fewshot_examples`, drawn as over task.items)."""
     if protocol not in task.spec.prompts:
         raise EvalError(f"task {task.spec.name}: no prompt for protocol {protocol!r} "
                         f"(has {', '.join(task.spec.prompts)})")
     fmt = task.spec.prompts[protocol]
-    shots = "".join(f"{render_prompt(ex, fmt)} {choice_labels(task.spec, ex, fmt)[ex.gold]}\n\n"
-                    for ex in fewshot_examples(task, item, num_fewshot, seed))
+    if shots is None:
+        shots = fewshot_examples(task, item, num_fewshot, seed)
+    shots = "".join(f"{render_prompt(ex, fmt)} {choice_labels(task.spec, ex, fmt)[ex.gold]}\n\n" for ex in shots)
     labels = choice_labels(task.spec, item, fmt)
     return Request(task.spec.name, item.id, shots + render_prompt(item, fmt), [" " + s for s in labels], labels,
                    item.gold)

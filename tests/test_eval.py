@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from hippocrates.eval import EvalError, evaluate, load_spec, load_task
-from hippocrates.eval.compare import main as compare_main
 from hippocrates.eval.report import write_outputs
 from hippocrates.eval.run import main as run_main
 from hippocrates.eval.scoring import (EncodedRequest, default_add_bos, encode_request, score_requests,
                           score_requests_reference)
-from hippocrates.eval.tasks import build_request
+from hippocrates.eval.tasks import build_request, build_requests
 from hippocrates.models import ModelConfig, build_model, load_model, load_tokenizer
 
 
@@ -28,14 +27,20 @@ def oracle(smollm2_dir):
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def oracle_loglikelihoods(oracle, context: str, continuations: list[str], memo: dict) -> list[tuple[float, int]]:
-    """Each choice as its own full sequence through transformers; the boundary as lm-evaluation-harness draws it."""
+def oracle_loglikelihoods(oracle, context: str, continuations: list[str], memo: dict,
+                          separate: bool = False) -> list[tuple[float, int]]:
+    """Each choice as its own full sequence through transformers; the boundary as lm-evaluation-harness 0.4 draws it,
+    or (separate) as its v0.3 did: context and continuation encoded each on its own, no special tokens."""
     model, tokenizer = oracle
     out = []
     for continuation in continuations:
-        context_ids = tokenizer.encode(context)
-        whole = tokenizer.encode(context + continuation)
-        cont_ids = whole[len(context_ids):]
+        if separate:
+            context_ids = tokenizer.encode(context, add_special_tokens=False)
+            cont_ids = tokenizer.encode(continuation, add_special_tokens=False)
+        else:
+            context_ids = tokenizer.encode(context)
+            whole = tokenizer.encode(context + continuation)
+            cont_ids = whole[len(context_ids):]
         key = (tuple(context_ids + cont_ids[:-1]), len(cont_ids))  # one-token choices share one forward
         if key not in memo:
             with torch.no_grad():
@@ -68,9 +73,9 @@ def test_loglikelihoods_match_transformers(ours, oracle, name, protocol, shots, 
                    progress=False)
     memo = {}
     assert len(run["samples"]) == n
-    for sample, item in zip(run["samples"], task.items):
-        request = build_request(task, item, protocol, shots)
-        expected = oracle_loglikelihoods(oracle, request.context, request.continuations, memo)
+    for sample, request, item in zip(run["samples"], build_requests(task, task.items, protocol, shots), task.items):
+        expected = oracle_loglikelihoods(oracle, request.context, request.continuations, memo,
+                                         separate=protocol == "text")
         assert sample["num_tokens"] == [count for _, count in expected]
         assert sample["loglikelihoods"] == pytest.approx([ll for ll, _ in expected], abs=1e-3)
         lls = [ll for ll, _ in expected]
@@ -209,8 +214,8 @@ def test_answer_outside_choices(tmp_path):
 
 
 def test_bad_spec_key(tmp_path):
-    (tmp_path / "bad.yaml").write_text("name: x\ndata: x.csv\nquestion: q\nanswer: a\noptions: [a, b]\ncolumns: 3\n")
-    with pytest.raises(EvalError, match=r"bad\.yaml: unknown key 'columns'"):
+    (tmp_path / "bad.yaml").write_text("name: x\ndata: x.csv\nquestion: q\nanswer: a\noptions: [a, b]\ncolums: [q, a]\n")
+    with pytest.raises(EvalError, match=r"bad\.yaml: unknown key 'colums'"):
         load_spec(tmp_path / "bad.yaml")
 
 
@@ -245,22 +250,6 @@ def test_csv_and_parquet_spec_tasks(tmp_path):
         assert req.continuations == [" A", " B", " C"] and req.gold == 2
 
 
-def test_compare_prints_differences(tmp_path, capsys):
-    def run(correct):
-        samples = [{"task": "medqa", "id": str(i), "acc": float(c), "acc_norm": float(c)}
-                   for i, c in enumerate(correct)]
-        n, acc = len(correct), sum(correct) / len(correct)
-        se = (sum((c - acc) ** 2 for c in correct) / (n - 1) / n) ** 0.5
-        result = {"n": n, "acc": acc, "acc_stderr": se, "acc_norm": acc, "acc_norm_stderr": se}
-        return {"config": {"model": "m"}, "results": {"medqa": result}, "samples": samples}
-    write_outputs(tmp_path / "a", run([1, 0, 0, 1]))
-    write_outputs(tmp_path / "b", run([1, 1, 0, 1]))
-    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
-    table = capsys.readouterr().out
-    assert "| medqa | acc | 50.00 ± 28.87 | 75.00 ± 25.00 | +25.00 | 25.00 (paired) | +1.00 | 4 / 4 |" in table
-    assert compare_main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
-
-
 def test_template_with_unknown_field(tmp_path):
     spec = json.loads(medmcqa_like(tmp_path, [good_row()]).read_text())
     spec["prompts"] = {"letter": {"template": "Q: {questoin}\n{options}Answer:"}}
@@ -285,3 +274,35 @@ def test_sliding_window_batch_span_not_item_length():
     got = score_requests(model, requests, batch_size=2, progress=False)
     for g, e in zip(got, expected):
         assert g == pytest.approx(e, abs=1e-5)
+
+
+def test_text_protocol_tokenizes_as_lm_eval_v03_letter_as_v04(data_dir):
+    """LLaMA-2 SentencePiece on MedQA items: the text protocol encodes context and continuation each on its own with
+    no BOS (lm-eval v0.3's loglikelihood: tok_encode(context), tok_encode(continuation)); the letter protocol keeps
+    lm-eval 0.4's BOS + joint encoding."""
+    import sentencepiece
+    from hippocrates.eval.evaluator import PROTOCOL_BOUNDARY
+    path = data_dir / "tokenizers" / "llama2_tokenizer.model"
+    tokenizer = load_tokenizer(path)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    task = load_task("medqa", limit=3)
+    for item in task.items:
+        text = build_request(task, item, "text")
+        boundary = PROTOCOL_BOUNDARY["text"]
+        encoded = encode_request(tokenizer, text.context, text.continuations,
+                                 default_add_bos(tokenizer, boundary), 4096, boundary)
+        assert encoded.context == sp.encode(text.context)  # no BOS
+        assert encoded.continuations == [sp.encode(c) for c in text.continuations]
+        letter = build_request(task, item, "letter")
+        encoded = encode_request(tokenizer, letter.context, letter.continuations,
+                                 default_add_bos(tokenizer, PROTOCOL_BOUNDARY["letter"]), 4096)
+        assert encoded.context == [sp.bos_id()] + sp.encode(letter.context)
+        assert encoded.continuations == [([sp.bos_id()] + sp.encode(letter.context + c))[len(encoded.context):]
+                                         for c in letter.continuations]
+    first = task.items[0]
+    assert first.choices[0].startswith("Disclose")
+    request = build_request(task, first, "text")
+    encoded = encode_request(tokenizer, request.context, request.continuations, False, 4096, "separate")
+    assert [sp.id_to_piece(i) for i in encoded.continuations[0][:3]] == ["\u2581", "\u2581Dis", "close"]
+    joint = encode_request(tokenizer, request.context, request.continuations, True, 4096, "joint")
+    assert [sp.id_to_piece(i) for i in joint.continuations[0][:2]] == ["\u2581Dis", "close"]

@@ -1,9 +1,12 @@
 """Prompts of the three tasks, character by character, against strings written by hand from the two protocols."""
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
-from hippocrates.eval.tasks import Item, build_request, fewshot_examples, load_task
+from hippocrates.eval.tasks import (BUILTIN_TASKS, Item, build_request, build_requests, fewshot_examples, load_task,
+                                    with_train_split)
 
 MEDQA_996 = "The only immunoglobulin found as a dimer has what primary function?"
 MEDQA_996_OPTIONS = ("Protect against invasive helminth infection", "Protect against viral infections",
@@ -127,3 +130,74 @@ def test_fewshot_seeded_and_never_the_item(tasks):
     assert first != [s.id for s in fewshot_examples(task, it, 5, seed=2)]
     limited = load_task("medmcqa", limit=20)  # a --limit run draws the same examples for the same item
     assert [s.id for s in fewshot_examples(limited, limited.items[10], 5, seed=1)] == first
+
+
+# ---- few-shot prompts against lm-evaluation-harness 0.4's own task configs and sampler ----
+
+def lm_eval_task(yaml_name: str, tmp_path, splits: dict[str, list[dict]]):
+    """lm-eval's ConfigurableTask from its own YAML (doc_to_text, target, choices, sampler), its dataset swapped for
+    local JSON Lines files of the hub layout it expects."""
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+    config = load_yaml(Path(lm_eval.__file__).parent / "tasks" / yaml_name)
+    files = {}
+    for split, rows in splits.items():
+        files[split] = str(tmp_path / f"lm_eval_{split}.jsonl")
+        Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = dict(config, dataset_path="json", dataset_name=None,
+                  dataset_kwargs={"data_files": files, "cache_dir": str(tmp_path / "hf_cache")})
+    task = ConfigurableTask(config=config)
+    task.set_fewshot_seed(1234)  # what lm_eval.simple_evaluate does with its default fewshot_random_seed
+    return task
+
+
+def jsonl_lines(path, start, stop):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()[start:stop]]
+
+
+def medqa_hub(row):  # GBaker/MedQA-USMLE-4-options-hf
+    return {"sent1": row["question"], **{f"ending{i}": row["options"][k] for i, k in enumerate("ABCD")},
+            "label": "ABCD".index(row["answer_idx"])}
+
+
+def medmcqa_hub(row):  # openlifescienceai/medmcqa: cop is 0-based there
+    return {**{k: row[k] for k in ("id", "question", "opa", "opb", "opc", "opd")}, "cop": row["cop"] - 1}
+
+
+@pytest.mark.parametrize("name", ["medqa", "medmcqa", "pubmedqa"])
+def test_fewshot_prompts_equal_lm_eval_byte_for_byte(name, data_dir, tmp_path):
+    """A local train split given: every 5-shot letter prompt is lm-eval 0.4's, character for character."""
+    n_items, shots = 6, 5
+    if name == "medqa":
+        train = jsonl_lines(data_dir / "eval/medqa/dev.jsonl", 0, 14)  # stands in for MedQA's train split
+        (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+        test = jsonl_lines(data_dir / "eval/medqa/test.jsonl", 0, n_items)
+        hub_rows = {"train": [medqa_hub(r) for r in train], "test": [medqa_hub(r) for r in test]}
+        lm_task = lm_eval_task("medqa/medqa.yaml", tmp_path, {**hub_rows, "validation": hub_rows["train"][:1]})
+        train_file = tmp_path / "train.jsonl"
+    elif name == "medmcqa":
+        train = jsonl_lines(data_dir / "eval/medmcqa/dev.jsonl", 100, 114)
+        (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+        test = jsonl_lines(data_dir / "eval/medmcqa/dev.jsonl", 0, n_items)
+        lm_task = lm_eval_task("medmcqa/medmcqa.yaml", tmp_path, {"train": [medmcqa_hub(r) for r in train],
+                                                                 "validation": [medmcqa_hub(r) for r in test]})
+        train_file = tmp_path / "train.jsonl"
+    else:
+        records = json.loads((data_dir / "eval/pubmedqa/ori_pqal.json").read_text())
+        test_ids = json.loads((data_dir / "eval/pubmedqa/test_ground_truth.json").read_text())
+        fold = {k: v for k, v in records.items() if k not in test_ids}
+        train = dict(list(fold.items())[:14])  # stands in for fold 0's train split, ori_pqal's layout
+        (tmp_path / "train.json").write_text(json.dumps(train))
+        test = [records[k] for k in records if k in test_ids][:n_items]
+        lm_task = lm_eval_task("pubmedqa/pubmedqa.yaml", tmp_path,
+                               {"train": list(train.values()), "validation": list(train.values())[:1], "test": test})
+        train_file = tmp_path / "train.json"
+    task = load_task(with_train_split(BUILTIN_TASKS[name], str(train_file)), data_dir=data_dir, limit=n_items)
+    assert task.fewshot_pool_name.startswith(f"train split: {train_file}")
+    ours = build_requests(task, task.items, "letter", shots, seed=1234)
+    theirs = [lm_task.fewshot_context(doc, shots) for doc in lm_task.eval_docs]  # in document order, as lm-eval
+    assert len(theirs) == n_items
+    for mine, expected in zip(ours, theirs):
+        assert mine.context == expected
+    assert len({r.context.split("\n\n")[0] for r in ours}) > 1  # the draws differ from item to item

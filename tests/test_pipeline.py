@@ -34,7 +34,7 @@ def test_heldout_is_a_seeded_subset_of_the_test_split(tmp_path, data_dir):
     assert a["pubmedqa"]["majority"] == pytest.approx(labels.count(top) / 40)
     assert a["pubmedqa"]["chance"] == pytest.approx(1 / 3) and a["medqa"]["chance"] == pytest.approx(1 / 4)
     assert distinct_protocols(load_spec(a["pubmedqa"]["spec"]), ["letter", "text"]) == {"letter": "letter",
-                                                                                      "text": "letter"}
+                                                                                      "text": "text"}
     assert distinct_protocols(load_spec(a["medqa"]["spec"]), ["letter", "text"]) == {"letter": "letter",
                                                                                    "text": "text"}
 
@@ -93,6 +93,9 @@ def fake_results(path: Path, scores: dict):
     results = {task: {"n": n, "acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)), "acc_norm": acc / 2,
                       "acc_norm_stderr": 0.01} for task, (acc, n) in scores.items()}
     (path / "results.json").write_text(json.dumps({"config": {}, "results": results}))
+    samples = [{"task": task, "id": str(i), "acc": float(i < round(acc * n))}  # the first acc * n items right
+               for task, (acc, n) in scores.items() for i in range(n)]
+    (path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 
 def test_report_moves_and_baselines(tmp_path):
@@ -113,12 +116,13 @@ def test_report_moves_and_baselines(tmp_path):
     (run / "pipeline_state.json").write_text(json.dumps(state))
     report = write_report(run)
 
-    se = {label: {t: math.sqrt(a * (1 - a) / (heldout[t]["n"] - 1)) for t, a in tasks.items()}
-          for label, tasks in acc.items()}
     moves = {m["column"]: m for m in report["moves"]}
     pub = moves["pubmedqa/letter"]
     assert pub["diff"] == pytest.approx(0.28)
-    assert pub["two_se"] == pytest.approx(2 * math.hypot(se["base"]["pubmedqa"], se["sft"]["pubmedqa"]))
+    # sft is right on the 80 items base gets plus 56 more: McNemar's p = 2 * 0.5^56
+    assert (pub["only_before"], pub["only_after"]) == (0, 56) and pub["p"] == pytest.approx(2 * 0.5 ** 56)
+    assert pub["ci_low"] < 0.28 < pub["ci_high"]
+    assert moves["medqa/letter"]["p"] == 1.0  # one item apart
     assert pub["moved"] == "up" and moves["medqa/letter"]["moved"] == "no"
     beats = {(v["model"], v["column"], v["baseline_name"]): v["beats"] for v in report["vs_baselines"]}
     assert beats[("sft", "pubmedqa/letter", "majority")] is True           # 68 > 55 + 2 x 3.3
@@ -128,7 +132,7 @@ def test_report_moves_and_baselines(tmp_path):
     md = (run / "report.md").read_text()
     assert "| sft | 27.0 ± 4.5 | 68.0 ± 3.3 |" in md
     assert "| majority class | 30.0 (C) | 55.0 (yes) |" in md
-    assert "beats both by more than two standard errors" in md
+    assert "beats both (base: McNemar p < 0.05" in md
     assert (run / "loss_curves.png").stat().st_size > 1000
     assert json.loads((run / "report.json").read_text())["scores"]["sft"]["pubmedqa/letter"]["acc"] == 0.68
 

@@ -76,13 +76,16 @@ def gold_label(spec, item) -> str:
 
 
 def distinct_protocols(spec, protocols: list[str]) -> dict[str, str]:
-    """protocol -> the protocol actually scored: one whose prompt and continuations are the same as an earlier
-    one's (PubMedQA's letter and text) is scored once and reported under both."""
+    """protocol -> the protocol actually scored: one whose prompt, continuations and token boundary are the same as
+    an earlier one's is scored once and reported under both. PubMedQA's letter and text prompts are the same, but
+    the text protocol tokenizes as lm-evaluation-harness v0.3 (separately, no BOS), so both are scored."""
+    from hippocrates.eval.evaluator import PROTOCOL_BOUNDARY
     scored: dict[str, str] = {}
     seen: dict[str, str] = {}
     for protocol in protocols:
         fmt = spec.prompts[protocol]
-        key = json.dumps([dataclasses.asdict(fmt), spec.choices is None and fmt.continuation == "letter"])
+        key = json.dumps([dataclasses.asdict(fmt), spec.choices is None and fmt.continuation == "letter",
+                          PROTOCOL_BOUNDARY[protocol]])
         scored[protocol] = seen.setdefault(key, protocol)
     return scored
 

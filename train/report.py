@@ -2,11 +2,12 @@
 
     python -m hippocrates.train.report RUN_DIR        # rebuild the report from what the run dir holds
 
-Reads RUN_DIR/pipeline_state.json (written by train/pipeline.py), each evaluation's results.json, each stage's
-metrics.jsonl and config.yaml. A stage "moved" a benchmark when its accuracy differs from the accuracy of the model
-it started from by more than two combined standard errors, 2 * sqrt(se_before^2 + se_after^2); a model beats a
-baseline when its accuracy exceeds it by more than two of its own standard errors (the baseline is a constant of the
-evaluated items). Both tests treat the two accuracies as independent, which is conservative for the same items.
+Reads RUN_DIR/pipeline_state.json (written by train/pipeline.py), each evaluation's results.json and samples.jsonl,
+each stage's metrics.jsonl and config.yaml. Every "stage X vs stage Y" claim is eval.compare's test on the same
+items: a stage "moved" a benchmark when McNemar's exact test on per-item correctness against the model it started
+from gives p < ALPHA (up or down by the sign of the difference), shown with the paired bootstrap 95% interval of the
+difference. A model beats a baseline when its accuracy exceeds it by more than two of its own standard errors (the
+baseline is a constant of the evaluated items).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from hippocrates.eval.compare import paired_comparison
+
+ALPHA = 0.05  # McNemar's p below which a stage "moved" a benchmark
 STATE_FILE = "pipeline_state.json"
 TASK_TITLES = {"medqa": "MedQA", "medmcqa": "MedMCQA", "pubmedqa": "PubMedQA"}
 DPO_CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -98,11 +102,32 @@ def collect_scores(run_dir: Path, state: dict) -> dict[str, dict[str, dict]]:
     return scores
 
 
-def compare(before: dict, after: dict) -> dict:
-    diff = after["acc"] - before["acc"]
-    two_se = 2 * math.sqrt(before["stderr"] ** 2 + after["stderr"] ** 2)
-    return {"before": before["acc"], "after": after["acc"], "diff": diff, "two_se": two_se,
-            "moved": "up" if diff > two_se else "down" if diff < -two_se else "no"}
+def collect_correct(state: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{model label: {column key: {item id: acc}}} from each evaluation's samples.jsonl."""
+    correct: dict[str, dict[str, dict[str, float]]] = {}
+    for label, by_protocol in state.get("evals", {}).items():
+        for protocol, info in by_protocol.items():
+            samples = Path(info["dir"]) / "samples.jsonl"
+            if not samples.is_file():
+                continue
+            for line in samples.read_text().splitlines():
+                if line.strip():
+                    s = json.loads(line)
+                    correct.setdefault(label, {}).setdefault(f"{s['task']}/{protocol}", {})[str(s["id"])] = s["acc"]
+    return correct
+
+
+def compare(before: dict, after: dict, before_items: dict | None, after_items: dict | None) -> dict:
+    """eval.compare's paired test of two evaluations of a column: McNemar's p and the bootstrap CI of after - before."""
+    out = {"before": before["acc"], "after": after["acc"], "diff": after["acc"] - before["acc"]}
+    if not before_items or not after_items or set(before_items) != set(after_items):
+        return {**out, "p": None, "ci_low": None, "ci_high": None, "moved": "n/a (no per-item samples of the same "
+                                                                           "items)"}
+    ids = sorted(before_items)
+    c = paired_comparison([before_items[i] for i in ids], [after_items[i] for i in ids])
+    moved = "no" if c["mcnemar_p"] >= ALPHA else "up" if c["diff"] > 0 else "down"
+    return {**out, "p": c["mcnemar_p"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
+            "only_before": c["mcnemar_b"], "only_after": c["mcnemar_c"], "moved": moved}
 
 
 def versus_baseline(score: dict, baseline: float) -> dict:
@@ -120,6 +145,7 @@ def build(run_dir: Path) -> dict:
     state = json.loads(state_path.read_text())
     cols = columns(state)
     scores = collect_scores(run_dir, state)
+    correct = collect_correct(state)
     models = [label for label in ["base", *state.get("stages", {})] if label in scores]
 
     moves = []
@@ -130,7 +156,9 @@ def build(run_dir: Path) -> dict:
         for col in cols:
             if col["key"] in scores[stage] and col["key"] in scores[source]:
                 moves.append({"stage": stage, "from": source, "column": col["key"],
-                              **compare(scores[source][col["key"]], scores[stage][col["key"]])})
+                              **compare(scores[source][col["key"]], scores[stage][col["key"]],
+                                        correct.get(source, {}).get(col["key"]),
+                                        correct.get(stage, {}).get(col["key"]))})
     vs_baselines = []
     for label in models:
         for col in cols:
@@ -150,7 +178,7 @@ def build(run_dir: Path) -> dict:
                          "resolved_config": config_file.read_text() if config_file.is_file() else None}
     return {"run_dir": str(run_dir), "columns": cols, "models": models, "scores": scores,
             "heldout": {t: {k: v for k, v in h.items() if k != "ids"} for t, h in state["heldout"].items()},
-            "moves": moves, "vs_baselines": vs_baselines, "stages": stages, "evals": state.get("evals", {}),
+            "moves": moves, "vs_baselines": vs_baselines, "correct": correct, "stages": stages, "evals": state.get("evals", {}),
             "sft_data": state.get("sft_data"), "pipeline_config": state.get("config"),
             "total_wall_s": state.get("total_wall_s")}
 
@@ -219,11 +247,13 @@ def render_markdown(report: dict) -> str:
 
     title_of = dict(zip([c["key"] for c in cols], titles))
     out += ["## Did each stage move each benchmark?", "",
-            "Difference from the model the stage started from, in points; moved = |difference| > 2 combined "
-            "standard errors.", ""]
-    out += [table(["stage (from)", "benchmark", "before", "after", "difference", "2 se", "moved"],
+            "Difference from the model the stage started from, in points, on the same items, with its paired "
+            f"bootstrap 95% interval; moved = McNemar's exact test on per-item correctness gives p < {ALPHA} "
+            "(`python -m hippocrates.eval.compare` on the two evaluation dirs gives the same numbers).", ""]
+    out += [table(["stage (from)", "benchmark", "before", "after", "difference", "95% CI", "McNemar p", "moved"],
                   [[f"{m['stage']} ({m['from']})", title_of[m["column"]], pct(m["before"]), pct(m["after"]),
-                    f"{100 * m['diff']:+.1f}", f"{100 * m['two_se']:.1f}", m["moved"]] for m in report["moves"]])
+                    f"{100 * m['diff']:+.1f}", ci_text(m), "n/a" if m["p"] is None else f"{m['p']:.3g}",
+                    m["moved"]] for m in report["moves"]])
             if report["moves"] else "(no stage has both its own and its input's evaluation)", ""]
 
     out += ["## Against the baselines", "",
@@ -278,6 +308,10 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def ci_text(m: dict) -> str:
+    return "n/a" if m.get("ci_low") is None else f"[{100 * m['ci_low']:+.1f}, {100 * m['ci_high']:+.1f}]"
+
+
 def verdict_lines(report: dict, title_of: dict) -> list[str]:
     """The recipe's headline: does SFT beat the base model and the majority class on PubMedQA?"""
     lines = []
@@ -288,15 +322,18 @@ def verdict_lines(report: dict, title_of: dict) -> list[str]:
         base = report["scores"].get("base", {}).get(col_key)
         if sft is None or base is None:
             continue
-        vs_base = compare(base, sft)
+        vs_base = compare(base, sft, report["correct"].get("base", {}).get(col_key),
+                          report["correct"].get("sft", {}).get(col_key))
         maj = next(v for v in report["vs_baselines"]
                    if v["model"] == "sft" and v["column"] == col_key and v["baseline_name"] == "majority")
         ok = vs_base["moved"] == "up" and maj["beats"]
+        p_text = "n/a" if vs_base["p"] is None else f"{vs_base['p']:.3g}"
         lines += [f"**{title}, SFT:** {pct(sft['acc'])} ± {pct(sft['stderr'])} vs base {pct(base['acc'])} "
-                  f"({100 * vs_base['diff']:+.1f}, 2 se {100 * vs_base['two_se']:.1f}) and majority class "
-                  f"{pct(maj['baseline'])} ({100 * maj['diff']:+.1f}, 2 se {100 * maj['two_se']:.1f}): "
-                  + ("beats both by more than two standard errors." if ok else
-                     "does NOT beat both by more than two standard errors."), ""]
+                  f"({100 * vs_base['diff']:+.1f}, 95% CI {ci_text(vs_base)}, McNemar p {p_text}) and majority "
+                  f"class {pct(maj['baseline'])} ({100 * maj['diff']:+.1f}, 2 se {100 * maj['two_se']:.1f}): "
+                  + (f"beats both (base: McNemar p < {ALPHA}; majority: by more than two standard errors)."
+                     if ok else f"does NOT beat both (base: McNemar p < {ALPHA}; majority: by more than two "
+                                "standard errors)."), ""]
     return lines
 
 
