@@ -67,7 +67,15 @@ def _randn(*shape, dtype, device, grad=True, scale=1.0):
     return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_(grad)
 
 
+def packed_ids(batch, t, doc_len, device):
+    """[B, T] segment ids of documents of about doc_len tokens (a different cut per row), as packing makes them."""
+    pos = torch.arange(t, device=device)
+    return torch.stack([(pos + row * doc_len // 3) // doc_len for row in range(batch)])
+
+
 def attention_cases(models, seqs, batch, dtype, device, extra):
+    """Per model and length: plain causal in [B, H, T, D], and the training layout ([B, T, H, D] projections
+    viewed as [B, H, T, D]) with packed documents, which is what every training step runs."""
     cases = []
     for name, (_, _, hq, hkv, d, _, window) in models.items():
         for t in seqs:
@@ -94,7 +102,27 @@ def attention_cases(models, seqs, batch, dtype, device, extra):
             cases.append(Case("attention", name, t, f"B={b} Hq={hq} Hkv={hkv} T={t} D={d} causal"
                               + (f" W={window}" if window else ""), make, providers, fwd, bwd, "flop",
                               notes=dict(head_dim=d)))
+            cases.append(_packed_attention_case(name, b, t, hq, hkv, d, window, dtype, device))
     return cases
+
+
+def _packed_attention_case(name, b, t, hq, hkv, d, window, dtype, device):
+    ids = packed_ids(b, t, max(16, t // 4), device)  # about 4 documents per row
+
+    def make():
+        def heads(h):  # [B, T, H, D] -> [B, H, T, D] view, as the model's projections
+            return torch.randn(b, t, h, d, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
+        return [heads(hq), heads(hkv), heads(hkv)]
+
+    providers = {
+        "triton": lambda q, k, v: flash_attention.attention_triton(q, k, v, True, window, segment_ids=ids),
+        "torch": lambda q, k, v: flash_attention.attention_torch(q, k, v, True, window, segment_ids=ids),
+        "reference": lambda q, k, v: flash_attention.attention_reference(q, k, v, True, window, segment_ids=ids),
+    }
+    fwd, bwd = flash_attention.attention_flops(b, hq, t, t, d, causal=True, sliding_window=window, segment_ids=ids)
+    return Case("attention", f"{name}/packed", t, f"B={b} T={t} Hq={hq} Hkv={hkv} D={d} [B,T,H,D] causal, "
+                f"~4 docs/row" + (f" W={window}" if window else ""), make, providers, fwd, bwd, "flop",
+                notes=dict(head_dim=d))
 
 
 def rmsnorm_cases(models, seqs, batch, dtype, device, extra):
@@ -159,24 +187,28 @@ def rope_cases(models, seqs, batch, dtype, device, extra):
     return cases
 
 
-def lora_cases(models, seqs, batch, dtype, device, extra, rank=16):
+def lora_cases(models, seqs, batch, dtype, device, extra, ranks=(16, 64, 128)):
+    """The gate projection with an adapter at each rank: the Triton kernel against the torch side (what CUDA runs
+    by default: two cuBLAS matmuls and an in-place addmm_)."""
     cases = []
-    for name, (hidden, inter, *_rest) in models.items():
-        for t in seqs:
-            m = batch * t
-            k, n, r = hidden, inter, rank  # the gate projection
+    for (name, (hidden, inter, *_rest)), t, rank in ((m, t, r) for m in models.items() for t in seqs
+                                                   for r in ranks):
+        m = batch * t
+        k, n, r = hidden, inter, rank  # the gate projection
 
-            def make(m=m, k=k, n=n, r=r):
-                return [_randn(m, k, dtype=dtype, device=device),
-                        _randn(n, k, dtype=dtype, device=device, grad=False, scale=k ** -0.5),
-                        _randn(r, k, dtype=dtype, device=device, scale=k ** -0.5),
-                        _randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)]
+        def make(m=m, k=k, n=n, r=r):
+            return [_randn(m, k, dtype=dtype, device=device),
+                    _randn(n, k, dtype=dtype, device=device, grad=False, scale=k ** -0.5),
+                    _randn(r, k, dtype=dtype, device=device, scale=k ** -0.5),
+                    _randn(n, r, dtype=dtype, device=device, scale=r ** -0.5)]
 
-            providers = {"triton": lambda x, w, a, b_: lora.lora_linear_triton(x, w, a, b_, 2.0),
-                         "reference": lambda x, w, a, b_: lora.lora_linear_reference(x, w, a, b_, 2.0)}
-            fwd = 2 * m * k * n + 2 * m * k * r + 2 * m * r * n
-            bwd = 2 * m * n * k + 2 * m * n * r + 2 * m * r * k + 2 * m * r * k + 2 * m * n * r  # dx, dxa, dA, dB
-            cases.append(Case("lora", name, t, f"M={m} K={k} N={n} r={r}", make, providers, fwd, bwd, "flop"))
+        providers = {"triton": lambda x, w, a, b_: lora.lora_linear_triton(x, w, a, b_, 2.0),
+                     "torch": lambda x, w, a, b_: lora.lora_linear_torch(x, w, a, b_, 2.0),
+                     "reference": lambda x, w, a, b_: lora.lora_linear_reference(x, w, a, b_, 2.0)}
+        fwd = 2 * m * k * n + 2 * m * k * r + 2 * m * r * n
+        bwd = 2 * m * n * k + 2 * m * n * r + 2 * m * r * k + 2 * m * r * k + 2 * m * n * r  # dx, dxa, dA, dB
+        cases.append(Case("lora", f"{name}/r{r}", t, f"M={m} K={k} N={n} r={r}", make, providers, fwd, bwd,
+                          "flop"))
     return cases
 
 
