@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def private_cache(tmp_path_factory):
     """Tokenized rows go to a fresh dir (the model fetch keeps the shared cache)."""
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("engine.data.cache.cache_dir", lambda: folder)
+        patch.setattr("hippocrates.engine.data.cache.cache_dir", lambda: folder)
         yield
 
 
@@ -149,7 +150,7 @@ def test_cpt_rows_reconstruct_stream_and_segments(data_dir, smol_tok):
                  for r in first_records(data_dir / "corpus/medquad_qa.jsonl", n)]
     stream = [t for d in documents for t in d]
     doc_of = [i for i, d in enumerate(documents) for _ in d]
-    ids, labels, segments = (ds.tensors[k] for k in ("input_ids", "labels", "segment_ids"))
+    ids, labels, segments = (ds[:][k] for k in ("input_ids", "labels", "segment_ids"))
     assert ids.shape == (-(-len(stream) // seq_len), seq_len) and ds.num_tokens == len(stream)
     flat_ids, flat_labels = ids.flatten().tolist(), labels.flatten().tolist()
     assert flat_ids[:len(stream)] == stream
@@ -169,7 +170,7 @@ def test_cpt_rows_reconstruct_stream_and_segments(data_dir, smol_tok):
 def test_dpo_labels_only_on_responses(data_dir, smol_tok):
     n = 6
     ds = build_dataset("dpo", DataConfig(path=DEFAULT_DPO_DATA, limit=n), smol_tok, seq_len=2048)
-    assert set(ds.tensors) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
+    assert set(ds[:]) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
     assert len(ds) == n
     for row, record in enumerate(first_records(data_dir / DEFAULT_DPO_DATA, n)):
         prompt = ALPACA_NO_INPUT.format(record["prompt"])
@@ -206,7 +207,7 @@ def test_text_csv_parquet_sources(tmp_path, llama_tok):
     pq.write_table(pa.table({"q": ["What is LDL?"], "a": ["A lipoprotein."]}), tmp_path / "pairs.parquet")
     for unit, documents in (("document", 1), ("paragraph", 2)):
         ds = build_dataset("cpt", DataConfig(path=str(tmp_path / "notes.txt"), text_unit=unit), llama_tok, 512)
-        assert (ds.tensors["input_ids"][0] == llama_tok.bos_id).sum() == documents
+        assert (ds[0]["input_ids"] == llama_tok.bos_id).sum() == documents
     sources = [f"{tmp_path / 'pairs.csv'}:instruction=question,output=answer",
                f"{tmp_path / 'pairs.parquet'}:instruction=q,output=a"]
     ds = build_dataset("sft", DataConfig(path=sources), llama_tok, 128)
@@ -226,7 +227,7 @@ def test_directory_source_reads_its_files_in_order(tmp_path, llama_tok):
     (folder / "a.json").write_text(json.dumps([{"text": "Aspirin."}]))
     (folder / ".hidden.jsonl").write_text("not json\n")
     ds = build_dataset("cpt", DataConfig(path=str(folder)), llama_tok, 64)
-    ids = ds.tensors["input_ids"][0][ds.tensors["segment_ids"][0] < 3].tolist()
+    ids = ds[0]["input_ids"][ds[0]["segment_ids"] < 3].tolist()
     assert llama_tok.decode(ids) == "Aspirin. Beta blockers. Calcium channels."
 
 
@@ -278,7 +279,7 @@ def test_bad_input_names_file_and_line_or_is_skipped(case, tmp_path, llama_tok, 
         ds = build_dataset(stage, DataConfig(path=[str(good), str(path)], skip_bad_records=True), llama_tok, 128)
     assert ds.num_skipped == 1 and "skipped 1 bad records" in caplog.text and name in caplog.text
     assert len(ds) == 2 + usable
-    labels = ds.tensors["labels" if stage == "sft" else "chosen_labels"]
+    labels = ds[:]["labels" if stage == "sft" else "chosen_labels"]
     assert (labels != -100).any(dim=1).all(), "a row without targets"
 
 
@@ -308,7 +309,7 @@ def test_cache_hit_and_invalidation(tmp_path, data_dir, llama_tok):
     first = build_dataset("cpt", cfg, llama_tok, 16)
     second = build_dataset("cpt", cfg, llama_tok, 16)
     assert not first.from_cache and second.from_cache and isinstance(second, RowDataset)
-    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
+    assert all(torch.equal(first[:][k], second[:][k]) for k in first[:])
     assert second.num_tokens == first.num_tokens
     assert not build_dataset("cpt", cfg, llama_tok, 32).from_cache                  # parameters
     mistral = load_tokenizer(data_dir / "tokenizers" / "mistral_7b_v0.1_tokenizer.model")
@@ -324,8 +325,9 @@ def test_ranks_building_at_once_tokenize_once(tmp_path, data_dir):
     """Two processes (as torchrun's ranks) ask for the same rows together: one builds them, the other reads them."""
     path = write_case(tmp_path, "docs.jsonl", [json.dumps({"text": f"Note {i} on sepsis. " * 50}) for i in range(400)])
     script = (
-        "import sys, time; from pathlib import Path; from engine.data import DataConfig, build_dataset\n"
-        "import engine.data.cache as c; from models import load_tokenizer; c.cache_dir = lambda: Path(sys.argv[2])\n"
+        "import sys, time; from pathlib import Path; from hippocrates.engine.data import DataConfig, build_dataset\n"
+        "import hippocrates.engine.data.cache as c; from hippocrates.models import load_tokenizer\n"
+        "c.cache_dir = lambda: Path(sys.argv[2])\n"
         f"tok = load_tokenizer({str(data_dir / 'tokenizers' / 'llama2_tokenizer.model')!r})\n"
         "Path(sys.argv[3]).touch()\n"
         "deadline = time.time() + 60\n"
@@ -339,3 +341,179 @@ def test_ranks_building_at_once_tokenize_once(tmp_path, data_dir):
     outputs = sorted(rank.communicate(timeout=120)[0].split() for rank in ranks)
     assert all(rank.returncode == 0 for rank in ranks)
     assert [o[0] for o in outputs] == ["False", "True"] and outputs[0][1] == outputs[1][1]
+
+
+# ---- compact rows: 3 bytes per token, the same batches as three int64 tensors ----
+
+def reference_rows(stage, groups, seq_len, pad_id, pack=False):
+    """The rows as engine.data built them before they were stored compactly: three int64 tensors per side."""
+    def shifted(example):
+        labels = torch.full((len(example.ids),), -100)
+        labels[:-1] = torch.where(torch.from_numpy(example.trainable[1:]), torch.from_numpy(example.ids[1:]), -100)
+        return labels
+
+    if stage == "cpt":
+        stream = torch.cat([torch.from_numpy(g[0].ids) for g in groups])
+        doc = torch.cat([torch.full((len(g[0].ids),), i) for i, g in enumerate(groups)])
+        rows = -(-len(stream) // seq_len)
+        pad = rows * seq_len - len(stream)
+        stream = torch.cat([stream, torch.full((pad,), pad_id)])
+        doc = torch.cat([doc, torch.full((pad,), -1)])
+        next_doc = torch.cat([doc[1:], torch.tensor([-1])])
+        labels = torch.where((next_doc == doc) & (doc >= 0), torch.cat([stream[1:], torch.tensor([pad_id])]), -100)
+        doc = doc.view(rows, seq_len)
+        segments = doc - doc[:, :1]
+        if pad:
+            segments[-1, seq_len - pad:] = segments[-1, seq_len - pad - 1] + 1
+        return {"input_ids": stream.view(rows, seq_len), "labels": labels.view(rows, seq_len), "segment_ids": segments}
+    sides = ("chosen_", "rejected_") if stage == "dpo" else ("",)
+    packed = []
+    for group in groups:
+        if stage == "sft" and pack and packed and sum(len(e.ids) for e in packed[-1]) + len(group[0].ids) <= seq_len:
+            packed[-1].append(group[0])
+        else:
+            packed.append(list(group))
+    out = {}
+    for side, index in zip(sides, range(2)):
+        row_groups = [[g[index]] for g in packed] if stage == "dpo" else packed
+        ids = torch.full((len(row_groups), seq_len), pad_id)
+        labels = torch.full((len(row_groups), seq_len), -100)
+        segments = torch.zeros((len(row_groups), seq_len), dtype=torch.long)
+        for row, examples in enumerate(row_groups):
+            start = 0
+            for segment, example in enumerate(examples):
+                end = start + len(example.ids)
+                ids[row, start:end] = torch.from_numpy(example.ids)
+                labels[row, start:end] = shifted(example)
+                segments[row, start:end] = segment
+                start = end
+            segments[row, start:] = len(examples)
+        out.update({f"{side}input_ids": ids, f"{side}labels": labels})
+        if stage != "dpo":
+            out["segment_ids"] = segments
+    return out
+
+
+@pytest.mark.parametrize("stage,pack,vocab", [("cpt", False, 32000), ("cpt", False, 128256), ("sft", False, 32000),
+                                              ("sft", True, 49152), ("dpo", False, 32000)])
+def test_rows_take_three_bytes_per_token_and_batch_as_before(stage, pack, vocab):
+    from hippocrates.engine.data.examples import Tokenized
+    from hippocrates.engine.data.rows import cpt_rows, dpo_rows, sft_rows
+    generator = torch.Generator().manual_seed(vocab + pack)
+    seq_len, pad_id = 24, 0
+
+    def example():
+        length = int(torch.randint(1, 60 if stage == "cpt" else seq_len + 1, (), generator=generator))
+        ids = torch.randint(0, vocab, (length,), generator=generator).numpy()
+        return Tokenized(ids, (torch.rand(length, generator=generator) < 0.6).numpy())
+
+    groups = [[example() for _ in range(2 if stage == "dpo" else 1)] for _ in range(40)]
+    if stage == "cpt":
+        columns = cpt_rows([g[0] for g in groups], seq_len, pad_id)
+    elif stage == "sft":
+        columns = sft_rows([g[0] for g in groups], seq_len, pad_id, pack)
+    else:
+        columns = dpo_rows([tuple(g) for g in groups], seq_len, pad_id)
+    dataset = RowDataset(columns)
+    expected = reference_rows(stage, groups, seq_len, pad_id, pack)
+    assert dataset.bytes_per_token == (3 if vocab <= 2**16 else 5) <= 8
+    assert set(dataset[:]) == set(expected)
+    rows = torch.randperm(len(dataset), generator=generator)[:7]
+    for index in (slice(None), rows, int(rows[0])):
+        batch = dataset[index]
+        for key, value in expected.items():
+            assert batch[key].dtype == torch.int64 and torch.equal(batch[key], value[index]), (key, index)
+
+
+def test_cached_rows_are_memory_mapped(tmp_path, llama_tok):
+    path = write_case(tmp_path, "docs.jsonl", [json.dumps({"text": f"Note {i} on gout."}) for i in range(30)])
+    cached = build_dataset("cpt", DataConfig(path=str(path)), llama_tok, 32)
+    cached = build_dataset("cpt", DataConfig(path=str(path)), llama_tok, 32)
+    fresh = build_dataset("cpt", DataConfig(path=str(path), cache=False), llama_tok, 32)
+    assert cached.from_cache and all(isinstance(c, np.memmap) for c in cached.columns.values())
+    assert cached.columns["input_ids"].dtype == np.uint16 and cached.bytes_per_token == 3
+    assert all(torch.equal(cached[:][k], fresh[:][k]) for k in fresh[:])
+
+
+# ---- tokenization across ranks ----
+
+def share_worker(tokenizer_path: str, sources: str):
+    """One process (or a torchrun rank): build CPT and SFT rows; print how many texts this rank encoded for each."""
+    import torch.distributed as dist
+    from hippocrates.engine import distributed
+    tokenizer = load_tokenizer(tokenizer_path)
+    encoded = []
+    encode_batch = tokenizer.encode_batch
+    tokenizer.encode_batch = lambda texts, **kw: encoded.extend(texts) or encode_batch(texts, **kw)
+    env = distributed.setup()
+    for stage, paths in json.loads(sources).items():
+        encoded.clear()
+        config = DataConfig(path=paths, skip_bad_records=True, pack=stage == "sft", limit=300)
+        dataset = build_dataset(stage, config, tokenizer, 256)
+        print(json.dumps({"stage": stage, "rank": env.rank, "texts": len(encoded), "rows": len(dataset),
+                          "skipped": dataset.num_skipped}), flush=True)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_tokenize_half_each_into_the_same_cache(tmp_path, data_dir):
+    """CPT and SFT rows built by 2 ranks (each encodes about half the texts) are the 1-rank cache byte for byte,
+    bad records skipped on either rank included."""
+    from hippocrates.tests.train_helpers import REPO, run_env
+    too_long = json.dumps({"instruction": "Q", "output": "word " * 300})  # CPT: no 'text'; SFT: too long
+    bad = write_case(tmp_path, "bad.jsonl", [GOOD_SFT, too_long])
+    cpt_bad = write_case(tmp_path, "cpt_bad.jsonl", [json.dumps({"text": "Gout is an arthritis."}), too_long])
+    sources = json.dumps({"cpt": [str(cpt_bad), "corpus/medquad_qa.jsonl:text=answer"],
+                          "sft": [str(bad), "instruct/medalpaca_medical_meadow_small.json"]})
+    tokenizer = str(data_dir / "tokenizers" / "llama2_tokenizer.model")
+    runs = {}
+    for nproc in (1, 2):
+        launcher = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--monitor_interval=0.2"]
+        cache = tmp_path / f"cache{nproc}"
+        result = subprocess.run([*launcher, __file__, tokenizer, sources], cwd=REPO,
+                                env=run_env(HIPPO_CACHE_DIR=str(cache)), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        files = {path.name.split("-")[0]: path.read_bytes() for path in (cache / "tokenized").glob("*.safetensors")}
+        assert sorted(files) == ["cpt", "sft"] and not list((cache / "tokenized").glob(".*share*"))
+        runs[nproc] = reports, files
+    (one_rank, one_rank_files), (two_ranks, two_rank_files) = runs[1], runs[2]
+    assert two_rank_files == one_rank_files
+    for stage in ("cpt", "sft"):
+        (single,) = [r for r in one_rank if r["stage"] == stage]
+        ranks = sorted((r for r in two_ranks if r["stage"] == stage), key=lambda r: r["rank"])
+        assert [(r["rows"], r["skipped"]) for r in ranks] == [(single["rows"], single["skipped"])] * 2
+        assert single["skipped"] >= 1 and single["rows"] > 1
+        texts = [r["texts"] for r in ranks]
+        assert sum(texts) == single["texts"] and all(0.4 * sum(texts) <= n <= 0.6 * sum(texts) for n in texts), texts
+
+
+NO_DATASETS = """
+import importlib.machinery, runpy, sys
+class NoDatasets(importlib.machinery.PathFinder):  # as on a machine without the package: not found, not importable
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] == "datasets" else super().find_spec(name, path, target)
+sys.meta_path = [NoDatasets if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+assert "datasets" not in sys.modules
+"""
+
+
+def test_training_on_jsonl_needs_no_datasets_package(tmp_path, data_dir):
+    """`datasets` is imported only for the formats that need it (CSV, parquet, plain text, hub names)."""
+    from hippocrates.tests.train_helpers import REPO, cpt_args, make_tiny_model, run_env
+    path = write_case(tmp_path, "docs.jsonl", [json.dumps({"text": f"Note {i} on gout and uric acid."})
+                                               for i in range(12)])
+    model = make_tiny_model(tmp_path / "model", data_dir)
+    args = cpt_args(model, tmp_path / "run", data=path, max_steps=1, **{"data.limit": 12})
+    result = subprocess.run([sys.executable, "-c", NO_DATASETS, str(REPO / "train" / "cpt.py"), *args], cwd=REPO,
+                            env=run_env(HIPPO_CACHE_DIR=str(tmp_path / "cache")), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().strip()
+
+
+if __name__ == "__main__":
+    share_worker(*sys.argv[1:])

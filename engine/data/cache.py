@@ -1,8 +1,11 @@
-"""The tokenized rows on disk: `cache_dir()/tokenized/<stage>-<key>.safetensors` (int32), written atomically.
+"""The tokenized rows on disk: `cache_dir()/tokenized/<stage>-<key>.safetensors`, written atomically, read memory-mapped.
 
 The key hashes everything the rows depend on: each source file's path, size and mtime (a hub dataset only by its
 name: clear the cache when one changes), the tokenizer (its ids, chat template and how it encodes and decodes a
 probe), the data options, the stage, seq_len and the part. Any change builds new rows; stale files are never read.
+
+The columns (see rows.py) are mapped, not read: every rank on a machine shares one copy in the page cache, and a
+batch reads only its rows.
 """
 from __future__ import annotations
 
@@ -14,16 +17,18 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
+from hippocrates.models.checkpoint import safetensors_header
 from hippocrates.models.paths import cache_dir
 
 log = logging.getLogger("hippocrates")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PROBE = "Hippocrates: 37.5 °C, naïve T-cells — ¿qué? 漢字 <tag>\n\n  indent\tA1c=6.5%"
+NUMPY_DTYPES = {"U8": np.uint8, "U16": np.uint16, "I32": np.int32, "I64": np.int64}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -53,18 +58,27 @@ def exclusive(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int]] | None:
+    """The columns, memory-mapped read-only, and the counts saved with them; None when absent or damaged."""
     if not path.exists():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name).long() for name in f.keys()}, f.metadata()
+        with safe_open(str(path), framework="numpy") as f:  # safetensors checks the file
+            counts = json.loads(f.metadata()["counts"])
+        entries, data_start = safetensors_header(path)
+        columns = {name: np.memmap(path, dtype=NUMPY_DTYPES[entry["dtype"]], mode="r",
+                                   offset=data_start + entry["data_offsets"][0], shape=tuple(entry["shape"]))
+                   for name, entry in entries.items()}
+        return columns, counts
     except Exception as e:  # safetensors raises its own error types for a damaged file: rebuild it
         log.warning("tokenized cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0])
         return None
 
 
-def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+def save(path: Path, columns: dict[str, np.ndarray], counts: dict[str, int]):
+    """The same rows give the same bytes: the counts go into one metadata entry (safetensors writes several in
+    no fixed order)."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    save_file({name: t.to(torch.int32).contiguous() for name, t in tensors.items()}, str(partial), metadata=metadata)
+    save_file({name: np.ascontiguousarray(column) for name, column in columns.items()}, str(partial),
+              metadata={"counts": json.dumps(counts, sort_keys=True)})
     os.replace(partial, path)

@@ -175,8 +175,14 @@ def tokenize_chunks(chunk_lists: list[list[tuple[str, bool]]], tokenizer, templa
     return result
 
 
-def tokenize_documents(texts: list[str], tokenizer) -> list[np.ndarray]:
-    """CPT: [bos] + tokens + [eos] per document, bos when the tokenizer adds one."""
+def tokenize_documents(texts: list[str], tokenizer) -> list[Tokenized]:
+    """CPT: [bos] + tokens + [eos] per document, bos when the tokenizer adds one; every token but the first is a
+    target."""
     head = [tokenizer.bos_id] if adds_bos(tokenizer) else []
-    encoded = encode_texts(tokenizer, texts, False, "tokenizing")
-    return [np.asarray(head + ids + [tokenizer.eos_id], dtype=np.int64) for ids in encoded]
+    result = []
+    for ids in encode_texts(tokenizer, texts, False, "tokenizing"):
+        ids = np.asarray(head + ids + [tokenizer.eos_id], dtype=np.int64)
+        trainable = np.ones(len(ids), dtype=bool)
+        trainable[0] = False
+        result.append(Tokenized(ids, trainable))
+    return result

@@ -57,6 +57,16 @@ class BadRecords:
         if len(self.first) < 3:
             self.first.append(message)
 
+    def state(self) -> tuple[int, dict[str, int], list[str]]:
+        return self.count, dict(self.reasons), list(self.first)
+
+    def merge(self, state: tuple[int, dict[str, int], list[str]]):
+        """Add the records another BadRecords (another rank's share) skipped, as if they came after ours."""
+        count, reasons, first = state
+        self.count += count
+        self.reasons.update(reasons)
+        self.first = (self.first + first)[:3]
+
     def log_summary(self):
         if self.count:
             kinds = ", ".join(f"{n} {kind}" for kind, n in self.reasons.most_common())
