@@ -198,12 +198,16 @@ def estimate_memory(config: dict, world_size: int, activation_checkpointing: boo
     else:
         activations = cfg.num_layers * block_activations
     full_finetune = lora is None
+    # unsharded blocks: on GPU the one in use and the next one prefetched; on CPU (synchronous collectives) the one
+    # in use, plus, with more than one rank, the flat all-gather buffer its weights were copied out of
+    gathered_blocks = prefetch_blocks if device == "cuda" else (2 if world_size > 1 else 1)
     if sync_skipped:
         grads = ("grads (fp32, unsharded: sync skipped between micro-batches)", counts.trainable * FP32)
         in_flight = 0  # the blocks' unsharded gradients are the ones above
     else:
         grads = ("grads (fp32, sharded)", counts.trainable * FP32 / world_size)
-        in_flight = prefetch_blocks * counts.block_trainable + counts.root_trainable
+        # a block's unsharded gradients live until its reduce-scatter (CPU: right after its backward)
+        in_flight = (prefetch_blocks if device == "cuda" else 1) * counts.block_trainable + counts.root_trainable
     grad_bytes = BF16 + FP32 if device == "cuda" else FP32  # bf16 gradient, then its fp32 copy for the reduction
 
     components = {
@@ -213,7 +217,7 @@ def estimate_memory(config: dict, world_size: int, activation_checkpointing: boo
         "AdamW m, v (fp32, sharded)": counts.trainable * 2 * FP32 / world_size,
         f"reference model ({low_name}, sharded)":
             counts.total * low / world_size if stage == "dpo" and full_finetune else 0,
-        f"all-gathered blocks ({low_name})": prefetch_blocks * counts.block * low,
+        f"all-gathered blocks ({low_name})": gathered_blocks * counts.block * low,
         f"root params unsharded ({low_name})": counts.root * low,
         f"unsharded grads in backward ({'bf16 + fp32' if device == 'cuda' else 'fp32'})": in_flight * grad_bytes,
         "activations": activations,
