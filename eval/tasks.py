@@ -364,6 +364,8 @@ def fewshot_draws(task: Task, items: list[Item], k: int, seed: int) -> list[list
 
 def fewshot_examples(task: Task, item: Item, k: int, seed: int) -> list[Item]:
     """The k examples of one item of task.items (the draws of every item before it are replayed)."""
+    if k <= 0:
+        return []
     position = next((i for i, x in enumerate(task.items) if x is item or x.id == item.id), None)
     if position is None:
         raise EvalError(f"task {task.spec.name}: item {item.id!r} is not one of the task's items")

@@ -183,6 +183,11 @@ def test_tiny_pipeline_report_matches_results(tiny_run):
         assert f"### {stage} (`{run_dir / stage}/config.yaml`)" in md
     moved = {(m["stage"], m["column"]) for m in report["moves"]}
     assert ("sft", "pubmedqa/letter") in moved and ("dpo", "medqa/letter") in moved
+    assert "## Decontamination" in md
+    for stage in ("cpt", "sft", "dpo"):
+        contamination = state["decontamination"][stage]
+        assert set(contamination["splits"]) == {"medqa", "medmcqa", "pubmedqa"} and contamination["sources"]
+        assert f"### {stage}" in md and f"| {next(iter(contamination['sources']))} |" in md
     lines = (run_dir / "data" / "sft_eval_instructions.jsonl").read_text().splitlines()
     assert len(lines) == 6
 

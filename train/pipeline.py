@@ -295,6 +295,7 @@ class Pipeline:
         self.state["config"] = dataclasses.asdict(config)
         self.state.setdefault("stages", {})
         self.state.setdefault("evals", {})
+        self.item_index = None  # the benchmarks' n-grams for decontamination, built once per invocation
 
     # -- what runs
 
@@ -447,6 +448,7 @@ class Pipeline:
         signature = digest({"config": {k: v for k, v in resolved.to_dict().items()},
                             "model": fingerprint_path(model), "data": self.data_identity(stage, resolved.data.path),
                             "nproc": self.config.nproc})
+        self.decontaminate(stage, resolved.data.path)
         info = read_json(out_dir / STAGE_STATE)
         if out_dir.exists() and any(out_dir.iterdir()) and info is None:
             raise PipelineError(f"{out_dir} exists but was not written by this pipeline (no {STAGE_STATE}): remove "
@@ -481,6 +483,28 @@ class Pipeline:
             raise PipelineError(f"stage {stage} stopped before its last step (a checkpoint was saved in "
                                 f"{out_dir}/checkpoints); run the same command again to resume")
         self.state["stages"][stage] = {**record, **info, "status": status}
+        write_json(self.state_path, self.state)
+
+    def decontaminate(self, stage: str, data_path):
+        """eval.decontaminate on the stage's training files against the evaluated benchmarks' whole test splits;
+        kept in the state (recomputed only when the data changes) for report.md's table."""
+        from hippocrates.engine.data.sources import parse_source
+        from hippocrates.eval.decontaminate import ItemIndex, scan_source
+        specs = [data_path] if isinstance(data_path, str) else list(data_path)
+        signature = digest({"data": self.data_identity(stage, data_path), "tasks": list(self.config.eval.tasks)})
+        done = self.state.setdefault("decontamination", {}).get(stage)
+        if done and done.get("signature") == signature:
+            return
+        sources = [str(f) for spec in specs for f in (parse_source(spec, self.data_dir).files or [spec])]
+        print(f"[pipeline] {stage}: 13-gram decontamination of its training data", file=sys.stderr, flush=True)
+        try:
+            if self.item_index is None:
+                self.item_index = ItemIndex(list(self.config.eval.tasks), self.data_dir)
+            scans = {source: scan_source(source, self.item_index, self.data_dir) for source in sources}
+        except ValueError as err:
+            raise PipelineError(f"{stage}: decontamination: {err}") from None
+        self.state["decontamination"][stage] = {"signature": signature, "n": self.item_index.n,
+                                                "splits": self.item_index.splits, "sources": scans}
         write_json(self.state_path, self.state)
 
     @staticmethod

@@ -180,6 +180,8 @@ def build(run_dir: Path) -> dict:
             "heldout": {t: {k: v for k, v in h.items() if k != "ids"} for t, h in state["heldout"].items()},
             "moves": moves, "vs_baselines": vs_baselines, "correct": correct, "stages": stages, "evals": state.get("evals", {}),
             "sft_data": state.get("sft_data"), "pipeline_config": state.get("config"),
+            "decontamination": {stage: {k: v for k, v in d.items() if k != "signature"}
+                                for stage, d in state.get("decontamination", {}).items()},
             "total_wall_s": state.get("total_wall_s")}
 
 
@@ -295,6 +297,14 @@ def render_markdown(report: dict) -> str:
     if report.get("total_wall_s") is not None:
         out += [f"Total wall time of the last pipeline invocation: {duration(report['total_wall_s'])}.", ""]
 
+    if report.get("decontamination"):
+        from hippocrates.eval.decontaminate import markdown_table as contamination_table
+        out += ["## Decontamination", "",
+                "Benchmark test items (the whole evaluated split, not only the held-out subset) that share a 13-gram "
+                "with each stage's training data (`python -m hippocrates.eval.decontaminate`); every string of a "
+                "training record counts, so this over-counts rather than misses.", ""]
+        for stage, table_data in report["decontamination"].items():
+            out += [f"### {stage}", "", contamination_table(table_data, list_limit=20), ""]
     if report.get("sft_data"):
         out += ["## SFT data", "", "```json", json.dumps(report["sft_data"], indent=2), "```", ""]
     out += ["## Resolved configs", ""]
