@@ -4,10 +4,16 @@ Order of precedence (later wins): the dataclass defaults, `train/configs/{stage}
 `key=value` arguments. Keys are dotted (`lora.rank=0`, `optim.warmup_steps=10`); values are parsed as YAML
 (`true`, `3`, `1e-5`, `[q_proj, v_proj]`). A few common keys are short names for a nested one: `lr`, `save_every`,
 `resume`, `eval_every`, and `data` when given a string (a file, a dir or a hub name).
+
+`load_config` is the only reader: a training run, the dry run (engine/dryrun.py) and each pipeline stage
+(train/pipeline.py) resolve their keys through it, so a key means the same everywhere and an unknown one fails in one
+line naming it. `hippo cpt --help` lists every key with its type and default.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,21 +97,58 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(stage: str, config_file: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then train/configs/{stage}.yaml, then `config_file`, then `key=value` overrides."""
+def load_config(stage: str | None, config_file: str | Path | None = None, overrides: list[str] = (),
+                layers: list[tuple[str, dict]] = ()) -> TrainConfig:
+    """The one reader of training configs: a run, a dry run and a pipeline stage all resolve theirs here.
+
+    Layers, later wins: the dataclass defaults, train/configs/{stage}.yaml, `config_file`, `layers` ((source name,
+    flat settings) pairs, e.g. a pipeline's stage section), then `key=value` overrides. An unknown key or a bad value
+    raises a ConfigError naming the key and the file (or layer) it came from. `stage=None` (the dry run) takes the
+    file's `stage` key, else the stage its file name contains (dpo_llama2_7b.yaml), else cpt.
+    """
+    file_settings = read_yaml(Path(config_file)) if config_file else {}
+    if stage is None:
+        name = Path(config_file).name.lower() if config_file else ""
+        stage = file_settings.get("stage") or next((s for s in STAGES if s in name), "cpt")
     if stage not in STAGES:
-        raise ConfigError(f"stage={stage!r}: expected one of {STAGES}")
+        raise ConfigError(f"{config_file or 'config'}: stage={stage!r}: expected one of {', '.join(STAGES)}")
     config = TrainConfig(stage=stage, out_dir=f"out/{stage}")
     stage_file = CONFIG_DIR / f"{stage}.yaml"
     if stage_file.is_file():
         apply_settings(config, read_yaml(stage_file), source=str(stage_file))
     if config_file:
-        apply_settings(config, read_yaml(Path(config_file)), source=config_file)
+        apply_settings(config, file_settings, source=str(config_file))
+    for source, settings in layers:
+        apply_settings(config, settings, source=source)
     apply_settings(config, parse_overrides(overrides), source="command line")
     if config.stage != stage:
         raise ConfigError(f"stage={config.stage!r} does not match the entry point train/{stage}.py")
     check(config)
     return config
+
+
+def describe_keys(config, prefix: str = "") -> list[tuple[str, str, object, str]]:
+    """(dotted key, type, value in `config`, the comment beside the field) for every key of a config dataclass."""
+    rows = []
+    comments = field_comments(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(value, f"{prefix}{f.name}.")
+        else:
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            rows.append((prefix + f.name, kind, value, comments.get(f.name, "")))
+    return rows
+
+
+def field_comments(cls) -> dict[str, str]:
+    """{field: its trailing `# comment`} from the class's source; {} where the source is not available."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    found = (re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line) for line in lines)
+    return {m.group(1): m.group(2) for m in found if m}
 
 
 def read_yaml(path: Path) -> dict:
