@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from hippocrates.engine.config import flatten, read_yaml, read_yaml_mapping
+from hippocrates.engine.config import flatten, load_config, read_yaml, read_yaml_mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "train" / "configs" / "pipeline.yaml"
@@ -216,6 +216,23 @@ def check(config: PipelineConfig, source: str):
     if "path" in (config.sft.get("data") or {}):
         raise PipelineError(f"{source}: sft.data.path is written by the pipeline: set sft_data.general and "
                             f"sft_data.eval_instructions instead")
+    for stage in TRAIN_STAGES:  # every trainer key now, not when the stage starts (perhaps hours later)
+        try:
+            load_config(stage, layers=stage_layers(getattr(config, stage), stage, source))
+        except ValueError as err:  # ConfigError: one line naming the key and file
+            raise PipelineError(str(err)) from None
+
+
+def stage_layers(section: dict, stage: str, source: str) -> list[tuple[str, dict]]:
+    """A stage section as layers of the trainer's own reader (engine.config.load_config): its `config` file, then its
+    keys. A key means what it means in `hippo {stage}`."""
+    section = dict(section)
+    layers = []
+    if section.get("config"):
+        path = Pipeline.find_file(section["config"], f"{stage}.config")
+        layers.append((str(path), read_yaml(path)))
+    section.pop("config", None)
+    return [*layers, (f"{source}: {stage}", flatten(section))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,19 +410,19 @@ class Pipeline:
     # -- training
 
     def stage_config(self, stage: str, model, data_paths: list[str] | None) -> Path:
-        """RUN_DIR/configs/{stage}.yaml: the section's trainer file, its keys, then what the pipeline decides."""
-        section = dict(self.config.__dict__[stage])
-        settings = {}
-        if section.get("config"):
-            settings.update(read_yaml(self.find_file(section.pop("config"), f"{stage}.config")))
-        section.pop("config", None)
-        settings.update(flatten(section))
-        settings.update({"stage": stage, "model": str(model), "out_dir": str(self.run_dir / stage), "resume": True})
+        """RUN_DIR/configs/{stage}.yaml: the stage's whole resolved trainer config (the section's trainer file, its
+        keys, then what the pipeline decides), which the stage's process reads back unchanged."""
+        decided = {"stage": stage, "model": str(model), "out_dir": str(self.run_dir / stage), "resume": True}
         if data_paths is not None:
-            settings["data.path"] = data_paths
+            decided["data.path"] = data_paths
+        layers = [*stage_layers(getattr(self.config, stage), stage, "pipeline"), ("pipeline", decided)]
+        try:
+            config = load_config(stage, layers=layers)
+        except ValueError as err:
+            raise PipelineError(f"{stage}: {err}") from None
         path = self.run_dir / "configs" / f"{stage}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return path
 
     @staticmethod
