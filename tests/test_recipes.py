@@ -2,7 +2,7 @@
 
 How the data is counted (no network, a few seconds):
 - a local file (../shared/data or a pipeline's SFT mixture) is read in full for its record count; a seeded sample
-  of SAMPLE records goes through the trainer's own row builder (engine.data.build_rows: template, tokenizer,
+  of SAMPLE records goes through the trainer's own row builder (engine.data.build_dataset, uncached: template, tokenizer,
   packing, the seq_len filter) with the recipe's tokenizer, and its tokens and rows are scaled by the count;
 - a hub dataset is sized from train/configs/hub_datasets.yaml (the dataset card's rows and words); its words
   become tokens at the words-per-token ratio measured here, with the same tokenizer, on the MedQuAD answers.
@@ -13,6 +13,7 @@ Every recipe stays within MAX_PASSES over its data; the paper-scale ones (7B, 70
 at least MIN_PASSES, so none trains on a sliver of its data. `python -m hippocrates.tests.test_recipes` prints
 the table.
 """
+import functools
 import json
 import math
 import random
@@ -24,7 +25,7 @@ import pytest
 import yaml
 
 from hippocrates.engine.config import load_config, read_yaml
-from hippocrates.engine.data import as_list, build_rows
+from hippocrates.engine.data import as_list, build_dataset
 from hippocrates.engine.data.sources import BadRecords, parse_source, read_source
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "train" / "configs"
@@ -37,13 +38,18 @@ TOKENIZERS = {"llama2": "tokenizers/llama2_tokenizer.model", "mistral": "tokeniz
 
 
 def tokenizer_for(model: str, data_dir: Path, smollm2_dir):
-    from hippocrates.models import load_tokenizer
     for family, file in TOKENIZERS.items():
         if model.startswith(family):
-            return load_tokenizer(data_dir / file)
+            return shared_tokenizer(data_dir / file)
     if model == "smollm2":
-        return load_tokenizer(smollm2_dir() if callable(smollm2_dir) else smollm2_dir)
+        return shared_tokenizer(smollm2_dir() if callable(smollm2_dir) else smollm2_dir)
     raise AssertionError(f"no tokenizer known for model={model!r}")
+
+
+@functools.lru_cache
+def shared_tokenizer(path: Path):
+    from hippocrates.models import load_tokenizer
+    return load_tokenizer(path)
 
 
 def launch_world_size(path: Path) -> int:
@@ -71,6 +77,7 @@ def recipe_stages(name: str, run_dir: Path) -> list[tuple[str, object, int]]:
     return stages
 
 
+@functools.lru_cache
 def words_per_token(tokenizer, data_dir: Path) -> float:
     texts = [json.loads(line)["answer"] for line in open(data_dir / "corpus" / "medquad_qa.jsonl")]
     texts = random.Random(0).sample(texts, SAMPLE)
@@ -109,7 +116,7 @@ def data_size(stage: str, cfg, tokenizer, data_dir: Path, scratch: Path) -> dict
         mapping = ",".join(f"{role}={key}" for role, key in source.fields.items())
         spec = f"{sample_file}:{mapping}" if mapping else str(sample_file)
         sample_cfg = replace(cfg.data, path=spec, limit=None, held_out=0, cache=False, skip_bad_records=True)
-        built = build_rows(stage, [parse_source(spec, None)], sample_cfg, tokenizer, cfg.seq_len, "train")
+        built = build_dataset(stage, sample_cfg, tokenizer, cfg.seq_len)
         tokens += built.num_tokens * n / len(sample)
         rows += len(built) * n / len(sample)
     if stage == "cpt":  # one stream cut into rows of seq_len
