@@ -49,6 +49,16 @@ class _StopSequenceSeen(Exception):
     """Raised from the token callback to end a generation once a stop string has appeared."""
 
 
+def _contexts_per_batch(batch_size) -> int | None:
+    """lm-eval's batch_size: a number, or "auto" / "auto:N", which leave it to the scorer (8 contexts, fewer when
+    their KV caches are large)."""
+    if batch_size is None or str(batch_size).startswith("auto"):
+        return None
+    if not str(batch_size).isdigit() or int(batch_size) < 1:
+        raise ValueError(f"hippocrates: batch_size={batch_size!r}: expected a positive number or auto")
+    return int(batch_size)
+
+
 @register_model("hippocrates")
 class HippocratesLM(TemplateLM):
     def __init__(self, pretrained: str, adapter: str | None = None, dtype: str = "auto", batch_size=None,
@@ -64,8 +74,7 @@ class HippocratesLM(TemplateLM):
         self.loaded = loaded
         self._device = torch.device(device)
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
-        # "auto" (or "auto:N") leaves the batch to the scorer: 8 contexts, fewer when their KV caches are large
-        self.batch_size = int(batch_size) if str(batch_size or "auto").isdigit() else None
+        self.batch_size = _contexts_per_batch(batch_size)
         self.add_bos_token = add_bos_token
 
     @property

@@ -16,7 +16,10 @@ def main() -> None:
         sys.exit("error: lm-evaluation-harness is not installed: pip install 'hippocrates[lmeval]'")
     import hippocrates.eval.lmeval  # noqa: F401  registers the model "hippocrates"
     sys.argv[0] = "python -m hippocrates.lmeval"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, FileNotFoundError) as err:  # a bad checkpoint, adapter, dtype or batch size: one line
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
