@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hippocrates.engine.data import (DEFAULT_CPT_DATA, DEFAULT_DPO_DATA, DEFAULT_SFT_DATA, DataConfig, DataError, RowDataset,
-                         build_dataset)
+from hippocrates.engine.data import (DEFAULT_CPT_DATA, DEFAULT_DPO_DATA, DEFAULT_SFT_DATA, DataConfig, DataError,
+                                     RowDataset, build_dataset)
 from hippocrates.models import load_tokenizer
 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -467,8 +467,8 @@ def test_two_ranks_tokenize_half_each_into_the_same_cache(tmp_path, data_dir):
     tokenizer = str(data_dir / "tokenizers" / "llama2_tokenizer.model")
     runs = {}
     for nproc in (1, 2):
-        launcher = [sys.executable] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "--monitor_interval=0.2"]
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        "--nproc_per_node=2", "--standalone", "--monitor_interval=0.2"]
         cache = tmp_path / f"cache{nproc}"
         result = subprocess.run([*launcher, __file__, tokenizer, sources], cwd=REPO,
                                 env=run_env(HIPPO_CACHE_DIR=str(cache)), capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""The tokenized rows on disk: `cache_dir()/tokenized/<stage>-<key>.safetensors`, written atomically, read memory-mapped.
+"""The tokenized rows on disk: `cache_dir()/tokenized/<stage>-<key>.safetensors`, written atomically, mapped to read.
 
 The key hashes everything the rows depend on: each source file's path, size and mtime (a hub dataset only by its
 name: clear the cache when one changes), the tokenizer (its ids, chat template and how it encodes and decodes a
