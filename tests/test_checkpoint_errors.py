@@ -129,3 +129,25 @@ def test_gguf_errors(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     one_line_error(other_arch, other_arch, "gpt2")
+
+
+def test_models_folder_imports_top_down():
+    """No import circle among models/ modules, imports inside functions included: each uses only modules below it."""
+    import ast
+    import graphlib
+    from pathlib import Path
+
+    import hippocrates.models
+    folder = Path(hippocrates.models.__file__).parent
+    modules = {path.stem for path in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        uses = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                uses |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hippocrates.models"):
+                uses.add((node.module.split(".") + ["__init__"])[2])
+        graph[path.stem] = uses & modules - {path.stem}
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+    assert order.index("gguf") < order.index("checkpoint") and order.index("gguf") < order.index("tokenizer")
