@@ -29,11 +29,22 @@ def attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, scale
 
     Causal masking is bottom-right aligned (query i sits at key position i + Tk - Tq, as with a KV cache).
     `sliding_window=W`: a query sees itself and the W - 1 keys before it. `segment_ids` [B, T] (Tq == Tk):
-    packed documents; a query only sees keys with the same segment id.
+    packed documents; a query only sees keys with the same segment id. Torch side: packed causal rows whose
+    documents are contiguous runs (and no window narrower than T) take kernels/cpu_attention.py, the rest SDPA.
     """
     from . import flash_attention as op
-    fn = op.attention_triton if use_triton(q) else op.attention_torch
-    return fn(q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids, scale=scale)
+    if use_triton(q):
+        return op.attention_triton(q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
+                                   scale=scale)
+    op.check_attention_inputs(q, k, v, sliding_window, segment_ids)
+    window_binds = sliding_window is not None and sliding_window < k.shape[2]
+    if causal and segment_ids is not None and q.shape[2] == k.shape[2] and not window_binds:
+        from . import cpu_attention
+        spans = cpu_attention.document_spans(segment_ids)
+        if spans is not None:  # packed rows: one node, torch's flash kernel per document (kernels/cpu_attention.py)
+            return cpu_attention.packed_causal_attention(q, k, v, spans, scale)
+    return op.attention_torch(q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
+                              scale=scale)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scale):

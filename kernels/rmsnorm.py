@@ -116,12 +116,16 @@ def rms_norm_triton(x, weight, eps):
 
 
 class RMSNormTorch(torch.autograd.Function):
-    """The reference's exact forward; keeps only x and rstd (the reference's autograd keeps x32 and normed too)."""
+    """The reference's exact forward; keeps only x and rstd (the reference's autograd keeps x32 and normed too).
+    The backward folds the row term into one coefficient: with dn = dy * weight,
+        dx = rstd * dn - x * rstd^3 * sum(dn * x) / N,
+    two in-place passes over dn after one fused dot (the reference's form needs normed, dn * normed and three more
+    passes)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1], Hugging Face's rounding order
         y = (x32 * rstd).to(x.dtype)  # [..., N]
         y = y.mul_(weight) if weight.dtype == y.dtype else weight * y  # in place unless weight's dtype promotes
         ctx.save_for_backward(x, weight, rstd)
@@ -130,14 +134,16 @@ class RMSNormTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        normed = x.float() * rstd  # [..., N] fp32
+        n_cols = x.shape[-1]
+        x32 = x.float()
         dx = dw = None
         if ctx.needs_input_grad[1]:
-            dw = (dy * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
+            normed = (x32 * rstd).to(x.dtype)
+            dw = (dy * normed).reshape(-1, n_cols).sum(0, dtype=torch.float32).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            dn = dy.float() * weight.float()
-            dot = (dn * normed).mean(-1, keepdim=True)
-            dx = (dn.sub_(normed.mul_(dot))).mul_(rstd).to(x.dtype)
+            dn = dy.float() * weight.float()  # [..., N] fp32
+            coefficient = torch.linalg.vecdot(dn, x32, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(-n_cols)
+            dx = dn.mul_(rstd).addcmul_(x32, coefficient).to(x.dtype)
         return dx, dw, None
 
 

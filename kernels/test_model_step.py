@@ -32,7 +32,7 @@ def spy_on_triton_ops(monkeypatch, lora=True):
     calls = {}
     ops = dict(TRITON_OPS, **({"lora": "lora_linear_triton"} if lora else {}))
     for module_name, fn_name in ops.items():
-        module = importlib.import_module(f"kernels.{module_name}")
+        module = importlib.import_module(f"hippocrates.kernels.{module_name}")
         real = getattr(module, fn_name)
         calls[fn_name] = 0
 
@@ -56,6 +56,7 @@ def step(model, input_ids, segment_ids):
 
 @pytest.mark.parametrize("config,lora_rank,packed", [
     (TINY, 4, False),
+    (TINY, 4, True),
     (TINY.replace(sliding_window=6, architecture="mistral"), 4, True),
     (TINY.replace(tie_word_embeddings=True), 0, False),
 ])

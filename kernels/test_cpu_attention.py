@@ -1,0 +1,76 @@
+"""kernels/cpu_attention.py against a float64 softmax(QK^T) V written out here, and the CPU dispatch in kernels/ops.py."""
+import pytest
+import torch
+
+from hippocrates.kernels import cpu_attention, ops
+from hippocrates.kernels._testing import assert_close64, poisoned_allocations
+
+
+def reference(q, k, v, segment_ids, window=None):
+    """Causal attention within documents, every score written out: q [B, Hq, T, D], k/v [B, Hkv, T, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, Hq, T, D]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, Hq, T, T]
+    pos = torch.arange(q.shape[2])
+    visible = (pos[None, :] <= pos[:, None]) & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if window is not None:
+        visible &= pos[:, None] - pos[None, :] < window
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
+
+
+def packed_inputs(b, t, hq, hkv, d, generator):
+    """q, k, v as views of one projection output ([B, T, H, D] memory, as the model makes them) and random cuts."""
+    x = torch.randn(b, t, (hq + 2 * hkv) * d, generator=generator)
+    q = x[..., :hq * d].view(b, t, hq, d).transpose(1, 2)
+    k = x[..., hq * d:(hq + hkv) * d].view(b, t, hkv, d).transpose(1, 2)
+    v = x[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)
+    starts = torch.rand(b, t, generator=generator) < 0.08  # about one document start in 12 positions
+    starts[:, 0] = False
+    segment_ids = starts.cumsum(dim=1)  # [B, T]
+    return [a.detach().requires_grad_() for a in (q, k, v)], segment_ids
+
+
+@pytest.mark.parametrize("b,t,hq,hkv,d", [(2, 37, 4, 2, 16), (3, 64, 6, 3, 32), (1, 20, 2, 2, 8)])
+def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d):
+    generator = torch.Generator().manual_seed(t)
+    (q, k, v), segment_ids = packed_inputs(b, t, hq, hkv, d, generator)
+    spans = cpu_attention.document_spans(segment_ids)
+    assert sum(len(row) for row in spans) > b, "the inputs should pack several documents"
+    with poisoned_allocations():
+        out = cpu_attention.packed_causal_attention(q, k, v, spans)
+        grad_out = torch.randn(out.shape, generator=generator)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = [a.detach().double().requires_grad_() for a in (q, k, v)]
+    expected = reference(q64, k64, v64, segment_ids)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+    assert_close64(out, expected, torch.float32, "out")
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads):
+        assert_close64(grad, expected_grad, torch.float32, f"d{name}")
+
+
+def test_document_spans():
+    segment_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    assert cpu_attention.document_spans(segment_ids) == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]
+    assert cpu_attention.document_spans(torch.tensor([[0, 1, 0]])) is None  # a document in two runs
+
+
+def test_cpu_dispatch(monkeypatch):
+    """Packed causal rows take the packed node; a binding window or a split document the SDPA path, same math."""
+    monkeypatch.setenv("HIPPO_KERNELS", "torch")
+    calls = {"packed": 0}
+    real = cpu_attention.packed_causal_attention
+
+    def counted(*args, **kwargs):
+        calls["packed"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cpu_attention, "packed_causal_attention", counted)
+    (q, k, v), segment_ids = packed_inputs(2, 24, 4, 2, 8, torch.Generator().manual_seed(0))
+    q64, k64, v64 = [a.detach().double() for a in (q, k, v)]
+    for window, split_document, packed in [(None, False, 1), (64, False, 1), (5, False, 0), (None, True, 0)]:
+        ids = segment_ids.clone()
+        if split_document:
+            ids[:, -3:] = 0  # document 0 comes back at the end of each row
+        out = ops.attention(q, k, v, causal=True, sliding_window=window, segment_ids=ids)
+        assert_close64(out, reference(q64, k64, v64, ids, window), torch.float32, f"window={window}")
+        assert calls["packed"] == packed, f"window={window}, split={split_document}: packed node called {calls}"
+        calls["packed"] = 0
