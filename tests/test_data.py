@@ -437,6 +437,20 @@ def test_cached_rows_are_memory_mapped(tmp_path, llama_tok):
 
 # ---- tokenization across ranks ----
 
+def test_sentencepiece_encodes_with_the_cores_of_its_rank(monkeypatch, llama_tok):
+    """16 cores, 4 ranks on the node: 4 threads each (no longer a fixed 2)."""
+    from hippocrates.models import tokenizer as tokenizer_module
+    monkeypatch.setattr(tokenizer_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    threads = []
+    encode = llama_tok.sp.encode
+    monkeypatch.setattr(llama_tok.sp, "encode", lambda text, **kw: threads.append(kw.get("num_threads")) or
+                        encode(text, **kw))
+    texts = ["Aspirin inhibits COX-1.", "Gout: uric acid crystals."]
+    assert llama_tok.encode_batch(texts) == [encode(text) for text in texts]
+    assert threads == [4]
+
+
 def share_worker(tokenizer_path: str, sources: str):
     """One process (or a torchrun rank): build CPT and SFT rows; print how many texts this rank encoded for each."""
     import torch.distributed as dist
