@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from hippocrates.engine.data import IGNORE_INDEX
+
 PACKAGES = ("torch", "triton", "safetensors", "tokenizers", "datasets", "numpy", "sentencepiece", "gguf",
             "transformers", "peft")
 
@@ -37,6 +39,25 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
+    """The input tokens of a batch that are not padding (DPO: of its chosen and its rejected rows).
+
+    Rows are right-padded. A row's real length is the larger of (its last labeled position + 2: that label is the
+    next token, a real one) and (its last position whose id is not pad_id + 1), so the count is right whether or not
+    pad_id equals eos_id, and for prompt or template tokens that carry no loss.
+    """
+    sides = ("chosen_", "rejected_") if "chosen_input_ids" in batch else ("",)
+    total = 0
+    for side in sides:
+        ids, labels = batch[f"{side}input_ids"], batch[f"{side}labels"]  # [B, T] each
+        positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)  # [T]: 1-based
+        last_labeled = ((labels != IGNORE_INDEX) * positions).amax(dim=1)  # [B], 0 when none
+        last_not_pad = ((ids != pad_id) * positions).amax(dim=1)  # [B]
+        lengths = torch.maximum(torch.where(last_labeled > 0, last_labeled + 1, 0), last_not_pad)
+        total += int(lengths.clamp(max=ids.shape[1]).sum())
+    return total
 
 
 def peak_memory_mb(device: torch.device) -> float:
