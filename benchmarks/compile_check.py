@@ -145,11 +145,11 @@ def _other_launches(dtype):
     return launches
 
 
-def variants(quick=False):
+def variants(quick=False, head_dims=tuple(ATTENTION_HEADS)):
     """(family, dtype, parameter) triples; each is compiled in one worker."""
     dtypes = ("bf16", "fp16")
-    out = [("attention", dt, (d, mask)) for dt in dtypes for d in ATTENTION_HEADS for mask in MASKS]
-    out += [("attention", "fp32", (d, "segments")) for d in ATTENTION_HEADS]
+    out = [("attention", dt, (d, mask)) for dt in dtypes for d in head_dims for mask in MASKS]
+    out += [("attention", "fp32", (d, "segments")) for d in head_dims]
     out += [("lora", dt, rank) for dt in dtypes for rank in LORA_RANKS]
     out += [("other", dt, None) for dt in dtypes]
     if quick:  # the training variants only: packed documents, bf16
@@ -194,8 +194,8 @@ def _judge(row):
     return row
 
 
-def run(jobs=2, quick=False):
-    todo = variants(quick)
+def run(jobs=2, quick=False, head_dims=tuple(ATTENTION_HEADS), families=("attention", "lora", "other")):
+    todo = [v for v in variants(quick, head_dims) if v[0] in families]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(check_variant, todo))
@@ -241,8 +241,10 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--quick", action="store_true", help="bf16 training variants only")
+    parser.add_argument("--head-dims", default=",".join(map(str, ATTENTION_HEADS)), help="attention head dims")
+    parser.add_argument("--families", default="attention,lora,other")
     args = parser.parse_args(argv)
-    rows = run(args.jobs, args.quick)
+    rows = run(args.jobs, args.quick, tuple(int(d) for d in args.head_dims.split(",")), args.families.split(","))
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, rows=rows), indent=1))

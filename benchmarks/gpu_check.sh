@@ -55,13 +55,13 @@ if [ ! -d "$INPUTS/smollm2" ]; then
 fi
 
 if [ "$CPU" = 1 ]; then
-  DEVICE=cpu; SHAPE=toy; SEQ=64; BATCH=2; STEPS=3; ITEMS=3; BIG=toy; LIMIT=60
+  DEVICE=cpu; SHAPE=toy; SEQ=64; BATCH=2; STEPS=3; ITEMS=3; BIG=""; LIMIT=60; PERF_STEPS=2
   T_TESTS=300; T_BENCH=300; T_TRAIN=400; T_EVAL=300; T_PERF=300
   TESTS=(kernels/test_cross_entropy.py -k "retain_graph and torch")
   BENCH=(--ops rmsnorm --seqs 16 --skip-cpu-sides --no-compile-check)
   FIRST_SIDE=torch  # the interpreter is too slow for a whole model: both toy runs take the torch side
 else
-  DEVICE=cuda; SHAPE=smollm2; SEQ=2048; BATCH=8; STEPS=30; ITEMS=50; BIG=llama1b; LIMIT=20000
+  DEVICE=cuda; SHAPE=smollm2; SEQ=2048; BATCH=8; STEPS=30; ITEMS=50; BIG=llama1b; LIMIT=20000; PERF_STEPS=6
   T_TESTS=60; T_BENCH=60; T_TRAIN=80; T_EVAL=40; T_PERF=55
   TESTS=(kernels -k "bfloat16 or bf16 or gpu or cuda")
   BENCH=(--ops attention,rmsnorm,lora,cross_entropy --seqs 4096)
@@ -109,16 +109,17 @@ section eval $T_EVAL
 section perf $T_PERF
 LIGER=$($PY -c "import liger_kernel" 2>/dev/null && echo 1 || echo 0)
 {
-  PERF=(--seq-len $SEQ --batch $BATCH --steps 6 --inputs "$INPUTS")
+  PERF=(--seq-len $SEQ --batch $BATCH --steps $PERF_STEPS --inputs "$INPUTS")
   [ -f "$WORK/run_triton/metrics.jsonl" ] &&
     $HELP ours "$RESULTS" "$WORK/run_triton" --label ours --model "$WORK/model_$SHAPE" --shape $SHAPE "${PERF[@]}"
   timeout $T_PERF $HELP hf "$RESULTS" --model "$WORK/model_$SHAPE" --shape $SHAPE "${PERF[@]}"
   [ "$LIGER" = 1 ] && timeout $T_PERF $HELP hf "$RESULTS" --model "$WORK/model_$SHAPE" --shape $SHAPE --liger \
     "${PERF[@]}"
+  [ -n "$BIG" ] &&  # --cpu: the toy shape only
   $HELP model "$INPUTS" "$WORK/model_$BIG" --shape $BIG --seed 0 &&
-  HIPPO_KERNELS=$FIRST_SIDE timeout $T_PERF bash -c 'cpt "$@"' _ "$WORK/run_big" "$WORK/model_$BIG" 6 &&
+  HIPPO_KERNELS=$FIRST_SIDE timeout $T_PERF bash -c 'cpt "$@"' _ "$WORK/run_big" "$WORK/model_$BIG" $PERF_STEPS &&
   $HELP ours "$RESULTS" "$WORK/run_big" --label ours --model "$WORK/model_$BIG" --shape "$BIG-shape" "${PERF[@]}"
-  timeout $T_PERF $HELP hf "$RESULTS" --model "$WORK/model_$BIG" --shape "$BIG-shape" "${PERF[@]}"
+  [ -n "$BIG" ] && timeout $T_PERF $HELP hf "$RESULTS" --model "$WORK/model_$BIG" --shape "$BIG-shape" "${PERF[@]}"
   echo "liger_kernel importable: $LIGER"
 } > "$OUT/perf.log" 2>&1
 
