@@ -38,7 +38,7 @@ def check_rows(result, report):
     assert len(attention) == 4 * 4  # head dims 32/64/96/128 x (forward, dK/dV, dQ, delta)
     assert len([r for r in rows if r["family"] == "lora"]) == 4 * 2  # ranks 8/16/64/128 x (forward, backward)
     for r in rows:
-        assert r["smem"] is not None and 0 < r["smem"] <= 232_448 and r["spills"] == 0 and r["registers"] <= 255
+        assert r["smem"] is not None and r["smem"] <= 232_448 and r["spills"] == 0 and r["registers"] <= 255
         if r["family"] == "attention" and r["kernel"] != "delta":
             assert r["async_copies"] > 0, f"{r['variant']} {r['kernel']} not pipelined"
 
