@@ -12,9 +12,9 @@ items, or a spec file's data), how many items share at least one n-gram with the
   thousand entries for the three benchmarks); each training record is then streamed once and its n-grams looked up.
   Items with fewer than n words cannot match and are counted apart.
 - A training source is a file (JSON, JSON Lines, CSV, parquet, or plain .txt / .md text), a folder (every such
-  file in it) or a hub dataset name (its train split), read with eval's own record reader; every string in a record counts as training text
-  (whatever fields a stage reads, this over-counts rather than misses). A `:field=...` suffix, as training data
-  specs carry, is ignored for the same reason.
+  file in it) or a hub dataset name (its train split), read with eval's own record reader; every string in a
+  record counts as training text (whatever fields a stage reads, this over-counts rather than misses). A
+  `:field=...` suffix, as training data specs carry, is ignored for the same reason.
 """
 from __future__ import annotations
 

@@ -65,8 +65,9 @@ def lm_eval_results(run: dict) -> dict:
     return {"results": results, "group_subtasks": {task: [] for task in results}, "configs": configs,
             "versions": {task: "hippocrates" for task in results}, "n-shot": n_shot, "higher_is_better": higher,
             "n-samples": n_samples,
-            "config": {"model": "hippocrates", "model_args": _model_args(config), "batch_size": config.get("batch_size"),
-                       "limit": config.get("limit"), "fewshot_seed": config.get("seed")},
+            "config": {"model": "hippocrates", "model_args": _model_args(config),
+                       "batch_size": config.get("batch_size"), "limit": config.get("limit"),
+                       "fewshot_seed": config.get("seed")},
             "model_name": config.get("adapter") or config.get("model")}
 
 

@@ -1,4 +1,4 @@
-"""eval.compare: McNemar's exact test and the paired bootstrap against independent references; mismatched runs refused."""
+"""eval.compare: McNemar's exact test and the paired bootstrap against independent references; mismatches refused."""
 import random
 
 import numpy as np

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from hippocrates.eval import EvalError, evaluate, load_spec, load_task
-from hippocrates.eval.report import write_outputs
 from hippocrates.eval.run import main as run_main
 from hippocrates.eval.scoring import (EncodedRequest, default_add_bos, encode_request, score_requests,
                           score_requests_reference)
@@ -214,7 +213,8 @@ def test_answer_outside_choices(tmp_path):
 
 
 def test_bad_spec_key(tmp_path):
-    (tmp_path / "bad.yaml").write_text("name: x\ndata: x.csv\nquestion: q\nanswer: a\noptions: [a, b]\ncolums: [q, a]\n")
+    (tmp_path / "bad.yaml").write_text("name: x\ndata: x.csv\nquestion: q\nanswer: a\noptions: [a, b]\n"
+                                       "colums: [q, a]\n")
     with pytest.raises(EvalError, match=r"bad\.yaml: unknown key 'colums'"):
         load_spec(tmp_path / "bad.yaml")
 

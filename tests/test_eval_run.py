@@ -1,4 +1,4 @@
-"""eval.run on a PEFT adapter (merged as peft's merge_and_unload does), the dtype it picks, and its lm-eval-schema file."""
+"""eval.run on a PEFT adapter (merged as peft's merge_and_unload does), its dtype, and its lm-eval-schema file."""
 import json
 import shutil
 

@@ -52,7 +52,8 @@ def read_results(path: Path) -> dict[str, dict]:
         if stderr is None and n:
             stderr = binomial_stderr(scores["acc"], n)
         out[task] = {"acc": scores["acc"], "acc_norm": scores.get("acc_norm"), "stderr": stderr,
-                     "acc_norm_stderr": scores.get("acc_norm_stderr"), "n": n}
+                     "acc_norm_stderr": scores.get("acc_norm_stderr"), "n": n, "dtype": scores.get("dtype"),
+                     "num_fewshot": scores.get("num_fewshot", 0), "fewshot_pool": scores.get("fewshot_pool")}
     return out
 
 
@@ -178,7 +179,8 @@ def build(run_dir: Path) -> dict:
                          "resolved_config": config_file.read_text() if config_file.is_file() else None}
     return {"run_dir": str(run_dir), "columns": cols, "models": models, "scores": scores,
             "heldout": {t: {k: v for k, v in h.items() if k != "ids"} for t, h in state["heldout"].items()},
-            "moves": moves, "vs_baselines": vs_baselines, "correct": correct, "stages": stages, "evals": state.get("evals", {}),
+            "moves": moves, "vs_baselines": vs_baselines, "correct": correct, "stages": stages,
+            "evals": state.get("evals", {}),
             "sft_data": state.get("sft_data"), "pipeline_config": state.get("config"),
             "decontamination": {stage: {k: v for k, v in d.items() if k != "signature"}
                                 for stage, d in state.get("decontamination", {}).items()},
@@ -221,7 +223,7 @@ def render_markdown(report: dict) -> str:
     out = [f"# Hippocrates pipeline report: {report['run_dir']}", ""]
 
     out += ["## Accuracy on the held-out items", "",
-            "Accuracy in % ± one standard error, zero-shot, on the same seeded subset of each benchmark's test split "
+            "Accuracy in % ± one standard error, on the same seeded subset of each benchmark's test split "
             "for every model. Protocols: `letter` scores \" A\"..\" D\" after the lettered options "
             "(lm-evaluation-harness), `text` scores each option's text (the Hippocrates paper); PubMedQA scores "
             "yes / no / maybe in both, so it is scored once. Baselines are computed from the evaluated items.", ""]
@@ -238,6 +240,14 @@ def render_markdown(report: dict) -> str:
                                       if c["task"] in heldout else "" for c in cols])
     rows.append(["items (n)"] + [str(heldout[c["task"]]["n"]) if c["task"] in heldout else "" for c in cols])
     out += [table(["model"] + titles, rows), ""]
+
+    pools = sorted({f"- {title}: {s['num_fewshot']}-shot, examples from {s['fewshot_pool']}"
+                    for label in report["models"] for col, title in zip(cols, titles)
+                    if (s := report["scores"][label].get(col["key"])) and s.get("num_fewshot")
+                    and s.get("fewshot_pool")})
+    if pools:
+        out += ["Few-shot pools (lm-eval draws from each benchmark's train split; where none was given, this pool "
+                "was used instead):", "", *pools, ""]
 
     norm_rows = []
     for label in report["models"]:
