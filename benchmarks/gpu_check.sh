@@ -55,7 +55,7 @@ if [ ! -d "$INPUTS/smollm2" ]; then
 fi
 
 if [ "$CPU" = 1 ]; then
-  DEVICE=cpu; SHAPE=toy; SEQ=64; BATCH=2; STEPS=3; ITEMS=3; BIG=""; LIMIT=60; PERF_STEPS=2
+  DEVICE=cpu; SHAPE=toy; SEQ=32; BATCH=2; STEPS=2; ITEMS=2; BIG=""; LIMIT=30; PERF_STEPS=2
   T_TESTS=300; T_BENCH=300; T_TRAIN=400; T_EVAL=300; T_PERF=300
   TESTS=(kernels/test_cross_entropy.py -k "retain_graph and torch")
   BENCH=(--ops rmsnorm --seqs 16 --skip-cpu-sides --no-compile-check)
