@@ -4,7 +4,8 @@ On a GPU: forward, backward and forward+backward of every op, timed with triton.
 peak memory, for the Triton kernels against the PyTorch reference (plus scaled_dot_product_attention, flash-attn
 and Liger-Kernel where they apply and are installed), over LLaMA-2-7B and Mistral-7B shapes and sequence lengths
 512 to 16k (batch 4); attention also in the training layout ([B, T, H, D] views with packed documents) next
-to plain causal, LoRA at ranks 16/64/128 against its torch side (what CUDA runs by default). Achieved TFLOP/s or GB/s sit beside the analytic FLOP and byte counts and the fraction of
+to plain causal, LoRA at ranks 16/64/128 against its torch side (what CUDA runs by default). Achieved TFLOP/s
+or GB/s sit beside the analytic FLOP and byte counts and the fraction of
 the device's peak, measured in the same run (a dense bf16 matmul, a device-to-device copy). The issue's targets
 are printed with pass/fail. Results: benchmarks/results/kernels_gpu.csv and kernels_gpu.png.
 

@@ -104,7 +104,8 @@ def compare_eval(args):
     diffs = [abs(x - y) for i in common for x, y in zip(gpu[i]["loglikelihoods"], cpu[i]["loglikelihoods"])]
     worst = max(diffs) if diffs else float("inf")
     same = sum(gpu[i]["prediction"] == cpu[i]["prediction"] for i in common)
-    passed = bool(common) and worst <= args.tol * max(1.0, max(abs(v) for i in common for v in cpu[i]["loglikelihoods"]))
+    largest = max((abs(v) for i in common for v in cpu[i]["loglikelihoods"]), default=1.0)
+    passed = bool(common) and worst <= args.tol * max(1.0, largest)
     append(args.results, dict(section="eval", items=len(common), max_abs_loglik_diff=worst, tol_rel=args.tol,
                               same_prediction=same, passed=passed))
     return 0 if passed else 1

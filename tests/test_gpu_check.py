@@ -13,8 +13,8 @@ DATA = Path(os.environ.get("HIPPO_DATA_DIR", ROOT.parent / "shared" / "data"))
 TOKENIZER = Path.home() / ".cache" / "hippocrates" / "smollm2" / "SmolLM2-135M-Instruct"
 
 
-@pytest.mark.skipif(not (DATA / "corpus" / "medquad_qa.jsonl").exists() or not (TOKENIZER / "tokenizer.json").exists(),
-                    reason="needs the shared data and the fetched SmolLM2 tokenizer (python -m hippocrates.models.fetch)")
+@pytest.mark.skipif(not (DATA / "corpus" / "medquad_qa.jsonl").exists()
+                    or not (TOKENIZER / "tokenizer.json").exists(), reason="needs the shared data and the fetched SmolLM2 tokenizer (python -m hippocrates.models.fetch)")
 def test_gpu_check_cpu_mode_runs_every_section(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(HIPPO_SOURCE_DATA=str(DATA), HIPPO_TOKENIZER_DIR=str(TOKENIZER), PYTHON=shutil.which("python") or "")
