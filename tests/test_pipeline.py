@@ -132,7 +132,7 @@ def test_report_moves_and_baselines(tmp_path):
     md = (run / "report.md").read_text()
     assert "| sft | 27.0 ± 4.5 | 68.0 ± 3.3 |" in md
     assert "| majority class | 30.0 (C) | 55.0 (yes) |" in md
-    assert "beats both (base: McNemar p < 0.05" in md
+    assert "beats both (McNemar p < 0.05 against base" in md
     assert (run / "loss_curves.png").stat().st_size > 1000
     assert json.loads((run / "report.json").read_text())["scores"]["sft"]["pubmedqa/letter"]["acc"] == 0.68
 

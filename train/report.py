@@ -351,9 +351,10 @@ def verdict_lines(report: dict, title_of: dict) -> list[str]:
         lines += [f"**{title}, SFT:** {pct(sft['acc'])} ± {pct(sft['stderr'])} vs base {pct(base['acc'])} "
                   f"({100 * vs_base['diff']:+.1f}, 95% CI {ci_text(vs_base)}, McNemar p {p_text}) and majority "
                   f"class {pct(maj['baseline'])} ({100 * maj['diff']:+.1f}, 2 se {100 * maj['two_se']:.1f}): "
-                  + (f"beats both (base: McNemar p < {ALPHA}; majority: by more than two standard errors)."
-                     if ok else f"does NOT beat both (base: McNemar p < {ALPHA}; majority: by more than two "
-                                "standard errors)."), ""]
+                  + (f"beats both (McNemar p < {ALPHA} against base; more than two standard errors above the "
+                     "majority class)." if ok else
+                     f"does NOT beat both (needed: McNemar p < {ALPHA} against base and more than two standard errors "
+                     "above the majority class)."), ""]
     return lines
 
 
