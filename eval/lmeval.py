@@ -68,7 +68,8 @@ class HippocratesLM(TemplateLM):
         ignored = {key: value for key, value in other.items() if value is not None}
         if ignored:
             logging.getLogger(__name__).warning("hippocrates: model_args %s are not used", ", ".join(ignored))
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # lm-eval's CLI asks for cuda by default
         loaded = load_for_eval(str(pretrained), adapter=adapter, dtype=str(dtype), device=device)
         self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer
         self.loaded = loaded
