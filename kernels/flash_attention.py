@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .cpu_attention import document_spans
 from .rebuild import rebuild_in_backward
 
 
@@ -117,19 +118,8 @@ def _sdpa_unsegmented(q, k, v, causal, window, scale):
 
 def _document_runs(segment_ids):
     """Per row, the lengths of its runs of equal ids, or None if some id appears in two separate runs."""
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)  # [B, Tk]
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    ordered = segment_ids.sort(dim=1).values
-    distinct = torch.ones_like(starts)
-    distinct[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    if not torch.equal(starts.sum(1), distinct.sum(1)):
-        return None
-    tk = segment_ids.shape[1]
-    runs = []
-    for row_starts in starts.cpu().tolist():
-        begin = [i for i, s in enumerate(row_starts) if s]
-        runs.append([end - start for start, end in zip(begin, begin[1:] + [tk])])
-    return runs
+    spans = document_spans(segment_ids)
+    return None if spans is None else [[end - start for start, end in row] for row in spans]
 
 
 def attention_torch(q, k, v, causal=True, sliding_window=None, segment_ids=None, scale=None):
