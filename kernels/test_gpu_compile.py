@@ -5,7 +5,8 @@ The whole matrix (plain/causal/window/segments x bf16/fp16, fp32) runs with `pyt
 hippocrates.benchmarks.compile_check` or `bench_kernels --full-compile`.
 
 Subprocesses, because the compiler must not see TRITON_INTERPRET. The oldest supported Triton (3.6) is checked
-when an install of it is found at HIPPO_TRITON_OLD (a `pip install --target` folder, default /work/triton36).
+too: pip installs it once into the cache (`HIPPO_CACHE_DIR/triton-3.6.0`, or the folder HIPPO_TRITON_OLD names) and the
+check runs with that folder first on PYTHONPATH.
 """
 import json
 import os
@@ -13,9 +14,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-OLD_TRITON = Path(os.environ.get("HIPPO_TRITON_OLD", "/work/triton36"))
+OLD_TRITON_VERSION = "3.6.0"
+
+
+def old_triton_dir() -> Path:
+    """A `pip install --target` folder holding the oldest supported Triton, made once (atomically) if missing."""
+    from hippocrates.models.paths import cache_dir
+    target = Path(os.environ.get("HIPPO_TRITON_OLD") or cache_dir() / f"triton-{OLD_TRITON_VERSION}")
+    if not (target / "triton").is_dir():
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
+                        "--target", str(staging), f"triton=={OLD_TRITON_VERSION}"], check=True, timeout=900)
+        staging.rename(target)
+    return target
 
 
 def run_compile_check(tmp_path, pythonpath=None):
@@ -47,8 +59,7 @@ def test_training_variants_compile_for_sm90(tmp_path):
     check_rows(*run_compile_check(tmp_path))
 
 
-@pytest.mark.skipif(not (OLD_TRITON / "triton").is_dir(), reason=f"no Triton 3.6 install at {OLD_TRITON}")
 def test_training_variants_compile_for_sm90_with_triton_36(tmp_path):
-    result, report = run_compile_check(tmp_path, OLD_TRITON)
+    result, report = run_compile_check(tmp_path, old_triton_dir())
     assert report["triton"].startswith("3.6")
     check_rows(result, report)
