@@ -46,7 +46,8 @@ def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
 
     Rows are right-padded. A row's real length is the larger of (its last labeled position + 2: that label is the
     next token, a real one) and (its last position whose id is not pad_id + 1), so the count is right whether or not
-    pad_id equals eos_id, and for prompt or template tokens that carry no loss.
+    pad_id equals eos_id, and for prompt or template tokens that carry no loss. One case reads as padding: a CPT row
+    holding only the stream's final eos when eos_id == pad_id (it has no target either).
     """
     sides = ("chosen_", "rejected_") if "chosen_input_ids" in batch else ("",)
     total = 0

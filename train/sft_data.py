@@ -60,14 +60,18 @@ def write_eval_instructions(tasks: dict[str, int | None], protocols: list[str], 
         pool = [item for item in task.fewshot_pool if normalize(item.question) not in test_questions]
         dropped = len(task.fewshot_pool) - len(pool)
         scored = sorted(set(distinct_protocols(task.spec, protocols).values()), key=protocols.index)
-        records = []
+        records, seen = [], set()
         for protocol in scored:
             for item in pool:
                 request = build_request(task, item, protocol, num_fewshot=0)
-                records.append({"instruction": request.context, "input": "",
-                                "output": request.continuations[request.gold],
-                                "source": f"{name}/{protocol}", "id": item.id})
-        picked = sample(records, None if count is None else count * len(scored), random.Random(f"{seed}:{name}"))
+                record = {"instruction": request.context, "input": "", "output": request.continuations[request.gold],
+                          "source": f"{name}/{protocol}", "id": item.id}
+                if (record["instruction"], record["output"]) in seen:  # protocols that prompt alike: one record
+                    continue
+                seen.add((record["instruction"], record["output"]))
+                records.append(record)
+        formats = len({r["source"] for r in records})
+        picked = sample(records, None if count is None else count * formats, random.Random(f"{seed}:{name}"))
         summary[name] = {"records": len(picked), "items": len(pool), "protocols": scored,
                          "dropped_test_overlap": dropped}
         lines += [json.dumps(r, ensure_ascii=False) for r in picked]
