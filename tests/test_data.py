@@ -451,8 +451,9 @@ def test_sentencepiece_encodes_with_the_cores_of_its_rank(monkeypatch, llama_tok
     assert threads == [4]
 
 
-def share_worker(tokenizer_path: str, sources: str):
-    """One process (or a torchrun rank): build CPT and SFT rows; print how many texts this rank encoded for each."""
+def share_worker(tokenizer_path: str, sources: str, report_dir: str):
+    """One process (or a torchrun rank): build CPT and SFT rows; write how many texts this rank encoded for each
+    into report_dir (a file per rank and stage: the ranks' stdout lines can interleave)."""
     import torch.distributed as dist
     from hippocrates.engine import distributed
     tokenizer = load_tokenizer(tokenizer_path)
@@ -464,8 +465,9 @@ def share_worker(tokenizer_path: str, sources: str):
         encoded.clear()
         config = DataConfig(path=paths, skip_bad_records=True, pack=stage == "sft", limit=300)
         dataset = build_dataset(stage, config, tokenizer, 256)
-        print(json.dumps({"stage": stage, "rank": env.rank, "texts": len(encoded), "rows": len(dataset),
-                          "skipped": dataset.num_skipped}), flush=True)
+        report = {"stage": stage, "rank": env.rank, "texts": len(encoded), "rows": len(dataset),
+                  "skipped": dataset.num_skipped}
+        (Path(report_dir) / f"{stage}-rank{env.rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 
@@ -484,10 +486,12 @@ def test_two_ranks_tokenize_half_each_into_the_same_cache(tmp_path, data_dir):
         launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                         "--nproc_per_node=2", "--standalone", "--monitor_interval=0.2"]
         cache = tmp_path / f"cache{nproc}"
-        result = subprocess.run([*launcher, __file__, tokenizer, sources], cwd=REPO,
+        report_dir = tmp_path / f"reports{nproc}"
+        report_dir.mkdir()
+        result = subprocess.run([*launcher, __file__, tokenizer, sources, str(report_dir)], cwd=REPO,
                                 env=run_env(HIPPO_CACHE_DIR=str(cache)), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-        reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        reports = [json.loads(path.read_text()) for path in sorted(report_dir.glob("*.json"))]
         files = {path.name.split("-")[0]: path.read_bytes() for path in (cache / "tokenized").glob("*.safetensors")}
         assert sorted(files) == ["cpt", "sft"] and not list((cache / "tokenized").glob(".*share*"))
         runs[nproc] = reports, files
