@@ -5,15 +5,15 @@
 Workload (issues 4 and 15): SmolLM2-135M-Instruct, fp32, 1 process, 2 threads, rows of 512 tokens of MedQuAD
 answers packed by the CPT data pipeline (train/configs/cpt.yaml's data), 4 rows per step, LoRA rank 16 (alpha 32)
 on every linear layer of every block, AdamW on the adapters, gradient clipping at 1.0. The sides:
-  trainer: the default path, `python train/cpt.py` itself with the default keys (mmap_activations included) and
+  trainer: the default path, `python train/cpt.py` itself with the default keys and
            `seq_len=512 batch_size=4 lora.rank=16 max_steps=warmup+steps`; the step times are the `step_time_s`
            of its metrics.jsonl, its CPU seconds per step are read from /proc while it runs (the process CPU time
            between two metrics lines), its peak RSS is the last line's `peak_memory_mb` (ru_maxrss).
   hf:      transformers LlamaForCausalLM from the same HF dir + peft LoraConfig(r=16, all linear), the standard
            `model(input_ids, labels=input_ids).loss` on the rows the trainer draws for the same steps.
-  engine, engine_heap: an isolated loop of the engine's forward/backward (models.load_model + add_lora,
-           engine.losses.token_cross_entropy inside engine.host_memory.mmapped_forward) on the same rows, with
-           mmap_activations on / off.
+  engine, engine_mmap: an isolated loop of the engine's forward/backward (models.load_model + add_lora,
+           engine.losses.token_cross_entropy inside engine.host_memory.mmapped_forward, as the trainer runs it) on
+           the same rows, with mmap_activations off (the default) / on.
 Each side runs in its own process (so ru_maxrss is that side's peak), the sides alternate for `--rounds` rounds in
 one run (the CPU may be shared: compare the per-round ratios and the CPU seconds). The matmul-bound ceiling is
 measured in the same run, right after each side's process ends: GFLOP/s of a 2048^3 fp32 matmul divided by the
@@ -140,7 +140,7 @@ def run_trainer(overrides: list[str], warmup: int, out_dir: Path) -> dict:
 # the loop sides, each in its own process
 
 
-def engine_side(model_dir: Path, mmap_activations: bool = True):
+def engine_side(model_dir: Path, mmap_activations: bool = False):
     from hippocrates.engine.host_memory import mmapped_forward
     from hippocrates.engine.losses import count_target_tokens, token_cross_entropy
     from hippocrates.models import load_model
@@ -173,7 +173,7 @@ def hf_side(model_dir: Path):
     return model, loss_fn
 
 
-LOOP_SIDES = {"engine": engine_side, "engine_heap": lambda model_dir: engine_side(model_dir, mmap_activations=False),
+LOOP_SIDES = {"engine": engine_side, "engine_mmap": lambda model_dir: engine_side(model_dir, mmap_activations=True),
               "hf": hf_side}
 
 
@@ -256,7 +256,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
     parser.add_argument("--sides", default="trainer,hf",
-                        help="trainer (train/cpt.py), hf, and the isolated loops engine, engine_heap")
+                        help="trainer (train/cpt.py), hf, and the isolated loops engine, engine_mmap")
     parser.add_argument("--profile", choices=list(LOOP_SIDES), default=None,
                         help="profile the first timed step of that loop side (printed, not timed)")
     parser.add_argument("--worker", choices=list(LOOP_SIDES), help=argparse.SUPPRESS)
@@ -264,6 +264,8 @@ def main():
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the trainer's first step's CPU time includes its start-up)")
+    if args.profile and args.steps < 2:
+        parser.error("--profile needs --steps >= 2 (the profiled step is not timed)")
 
     if args.worker:
         result = run_worker(args.worker, Path(args.model), Path(args.data_file), args.batch_size, args.warmup,

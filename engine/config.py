@@ -80,7 +80,8 @@ class TrainConfig:
     seed: int = 1337
     skip_nonfinite: bool = False  # a NaN/Inf loss or gradient skips the step instead of stopping the run
     activation_checkpointing: bool = False  # recompute each block's activations in the backward
-    mmap_activations: bool = True  # CPU: the forward's activations come from mmap, not the heap (engine/host_memory)
+    mmap_activations: bool = False  # CPU: the forward's large activations come from fresh mmaps, not the heap: lower
+                                    # peak RSS, slower steps (engine/host_memory.py)
     mixed_precision: str = "auto"  # auto: bf16 compute + fp32 reduction on GPU, fp32 on CPU; or fp32 | bf16
     timeout_s: int = 600  # collective timeout: a dead or stuck rank ends the run instead of hanging it
     lora: LoraConfig = field(default_factory=LoraConfig)

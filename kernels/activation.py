@@ -79,9 +79,11 @@ class SwiGLUTorch(torch.autograd.Function):
     """The reference's exact forward and backward; keeps gate and up only (the reference also keeps silu(gate))."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, out):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        if out is None:
+            return F.silu(gate).mul_(up)
+        return torch.ops.aten.silu.out(gate, out=out).mul_(up)
 
     @staticmethod
     def backward(ctx, dy):
@@ -91,9 +93,10 @@ class SwiGLUTorch(torch.autograd.Function):
             dup = dy * F.silu(gate)
         if ctx.needs_input_grad[0]:
             dgate = torch.ops.aten.silu_backward(dy * up, gate)
-        return dgate, dup
+        return dgate, dup, None
 
 
-def swiglu_torch(gate, up):
+def swiglu_torch(gate, up, out=None):
+    """out: an optional buffer of gate's shape and dtype to write the result into (kernels/rebuild.py)."""
     _check(gate, up)
-    return SwiGLUTorch.apply(gate, up)
+    return SwiGLUTorch.apply(gate, up, out)

@@ -73,17 +73,18 @@ def cross_entropy_rows_triton(logits, labels, loss, row_scale, ignore_index, wri
 
 
 def cross_entropy_rows_torch(logits, labels, loss, row_scale, ignore_index, write_grad):
-    """The same contract as cross_entropy_rows_triton, in torch: the log-sum-exp of each row, then the softmax
-    written over the (fp32) logits in place, so a chunk never has a second [C, V] buffer."""
+    """The same contract as cross_entropy_rows_triton, in torch: log_softmax written over the (fp32) logits in
+    place (one vectorised kernel: a max / sum-exp pass and a write pass), then exp_ turns it into the softmax, so a
+    chunk never has a second [C, V] buffer."""
     valid = labels != ignore_index  # [C]
     safe_labels = torch.where(valid, labels, 0)[:, None]  # [C, 1]
     dtype = logits.dtype
     logits = logits.float()  # [C, V] fp32 (the same tensor when the logits are fp32)
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [C, 1]
-    loss.copy_(torch.where(valid, (lse - logits.gather(1, safe_labels))[:, 0], 0.0))
+    log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # [C, V], in place
+    loss.copy_(torch.where(valid, log_probs.gather(1, safe_labels)[:, 0].neg(), 0.0))
     if not write_grad:
         return None
-    grad = logits.sub_(lse).exp_()  # softmax, in place
+    grad = log_probs.exp_()  # softmax, in place
     grad.scatter_add_(1, safe_labels, torch.full_like(loss, -1.0)[:, None])
     if row_scale is not None:
         grad.mul_((valid * row_scale.float())[:, None])
@@ -103,10 +104,11 @@ def _chunked_linear_cross_entropy(hidden, weight, labels, ignore_index, chunk, r
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if need_dw else None
     write_grad = not loss_only and (need_dh or need_dw)
+    logits_buffer = hidden.new_empty(min(chunk, n), v)  # [C, V], reused by every chunk: one allocation per call
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         h_chunk = hidden[start:end]  # [C, H]
-        logits = h_chunk @ weight.T  # [C, V]
+        logits = torch.matmul(h_chunk, weight.T, out=logits_buffer[:end - start])  # [C, V]
         grad = rows_fn(logits, labels[start:end], loss[start:end],
                        None if row_scale is None else row_scale[start:end], ignore_index, write_grad)  # [C, V]
         del logits

@@ -19,9 +19,13 @@ def use_triton(t: torch.Tensor, cuda_default: bool = True) -> bool:
     return t.is_cuda and cuda_default
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, out=None):
+    """x [..., N] -> x / rms(x) * weight. out: a contiguous buffer of x's shape the torch side writes the result
+    into (kernels/rebuild.py's scratch); the Triton side allocates its own."""
     from . import rmsnorm as op
-    return (op.rms_norm_triton if use_triton(x) else op.rms_norm_torch)(x, weight, eps)
+    if use_triton(x):
+        return op.rms_norm_triton(x, weight, eps)
+    return op.rms_norm_torch(x, weight, eps, out=out)
 
 
 def attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, scale=None):
@@ -63,10 +67,12 @@ def apply_rope(q, k, cos, sin):
     return (op.apply_rope_triton if use_triton(q) else op.apply_rope_torch)(q, k, cos, sin)
 
 
-def swiglu(gate, up):
-    """silu(gate) * up, elementwise."""
+def swiglu(gate, up, out=None):
+    """silu(gate) * up, elementwise. out: as for rms_norm."""
     from . import activation as op
-    return (op.swiglu_triton if use_triton(gate) else op.swiglu_torch)(gate, up)
+    if use_triton(gate):
+        return op.swiglu_triton(gate, up)
+    return op.swiglu_torch(gate, up, out=out)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", chunk_size=None):

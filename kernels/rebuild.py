@@ -8,6 +8,11 @@ once, and the result is shared by every node that saved it and freed with the la
 
 The recipe must return the same values and layout as `out` (the kernels here are deterministic). The scope is off
 under activation checkpointing, which recomputes the whole block anyway.
+
+Since nothing keeps a marked output past its block, on CPU it can live in a scratch buffer that every block reuses
+(`scratch_output`): the forward writes these outputs into memory it already owns. That leaves fewer short-lived
+holes between the kept activations, so glibc's heap fragments less (engine/host_memory.py), and with
+`mmap_activations` three fresh mmaps per block fewer.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 _scopes: list[dict] = []  # the open scopes, innermost last: storage pointer -> (recipe, the marked tensor)
+_scratch: dict[tuple, torch.UntypedStorage] = {}  # (key, dtype) -> the storage scratch_output hands out
 
 
 class _Recipe:
@@ -37,6 +43,22 @@ def rebuild_in_backward(out: torch.Tensor, fn, *inputs) -> torch.Tensor:
         # The scope holds `out` until it closes, so no other tensor can take its address meanwhile.
         _scopes[-1][out.untyped_storage().data_ptr()] = (_Recipe(fn, inputs), out)
     return out
+
+
+def scratch_output(key: str, shape, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """A fresh tensor of `shape` over a CPU storage shared by every call with this key, for an output the caller
+    marks with `rebuild_in_backward` right away; valid until the next call with the key. None outside a scope or
+    off the CPU (CUDA's caching allocator already reuses memory): the op allocates as usual."""
+    if not _scopes or torch.device(device).type != "cpu":
+        return None
+    numel = 1
+    for size in shape:
+        numel *= size
+    nbytes = numel * dtype.itemsize
+    storage = _scratch.get((key, dtype))
+    if storage is None or storage.nbytes() < nbytes:
+        storage = _scratch[(key, dtype)] = torch.UntypedStorage(nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def _pack(t: torch.Tensor):

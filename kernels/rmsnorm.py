@@ -123,10 +123,15 @@ class RMSNormTorch(torch.autograd.Function):
     passes)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1], Hugging Face's rounding order
-        y = (x32 * rstd).to(x.dtype)  # [..., N]
+    def forward(ctx, x, weight, eps, out):
+        if x.dtype == torch.float32:  # one buffer: the squares, then the result (the same values as below)
+            y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+            rstd = torch.rsqrt(torch.pow(x, 2, out=y).mean(-1, keepdim=True) + eps)  # [..., 1]
+            y = torch.mul(x, rstd, out=y)  # [..., N]
+        else:
+            x32 = x.float()
+            rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1], Hugging Face's rounding order
+            y = (x32 * rstd).to(x.dtype) if out is None else out.copy_(x32 * rstd)  # [..., N]
         y = y.mul_(weight) if weight.dtype == y.dtype else weight * y  # in place unless weight's dtype promotes
         ctx.save_for_backward(x, weight, rstd)
         return y
@@ -144,10 +149,11 @@ class RMSNormTorch(torch.autograd.Function):
             dn = dy.float() * weight.float()  # [..., N] fp32
             coefficient = torch.linalg.vecdot(dn, x32, dim=-1).unsqueeze(-1).mul_(rstd.pow(3)).div_(-n_cols)
             dx = dn.mul_(rstd).addcmul_(x32, coefficient).to(x.dtype)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def rms_norm_torch(x, weight, eps):
+def rms_norm_torch(x, weight, eps, out=None):
+    """out: an optional contiguous buffer of x's shape and dtype to write the result into (kernels/rebuild.py)."""
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: x has {x.shape[-1]} features but weight has {weight.shape[0]}")
-    return RMSNormTorch.apply(x, weight, eps)
+    return RMSNormTorch.apply(x, weight, eps, out)

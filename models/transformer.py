@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hippocrates.kernels import ops
 from .config import ModelConfig
-from hippocrates.kernels.rebuild import rebuild_in_backward, rebuild_scope
+from hippocrates.kernels.rebuild import rebuild_in_backward, rebuild_scope, scratch_output
 
 
 class Linear(nn.Module):
@@ -58,7 +58,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         """x [..., dim] -> normalized [..., dim]; rebuilt from x in the backward when the next op saves it."""
-        return rebuild_in_backward(ops.rms_norm(x, self.weight, self.eps), ops.rms_norm, x, self.weight,
+        out = scratch_output("rms_norm", x.shape, x.dtype, x.device)  # None unless rebuilt (CPU)
+        return rebuild_in_backward(ops.rms_norm(x, self.weight, self.eps, out=out), ops.rms_norm, x, self.weight,
                                    self.eps)
 
 
@@ -149,7 +150,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)  # [B, T, intermediate]
-        hidden = rebuild_in_backward(ops.swiglu(gate, up), ops.swiglu, gate, up)  # down_proj keeps no copy
+        out = scratch_output("swiglu", gate.shape, gate.dtype, gate.device)  # None unless rebuilt (CPU)
+        hidden = rebuild_in_backward(ops.swiglu(gate, up, out=out), ops.swiglu, gate, up)  # down_proj keeps no copy
         return self.down_proj(hidden)
 
 
