@@ -90,9 +90,10 @@ class SwiGLUTorch(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dgate = dup = None
         if ctx.needs_input_grad[1]:
-            dup = dy * F.silu(gate)
+            dup = F.silu(gate).mul_(dy)
         if ctx.needs_input_grad[0]:
-            dgate = torch.ops.aten.silu_backward(dy * up, gate)
+            dgate = torch.mul(dy, up)
+            torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)  # in place: one buffer per grad
         return dgate, dup, None
 
 

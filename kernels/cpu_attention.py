@@ -11,7 +11,12 @@ nothing. It keeps q, k, v, the output and the log-sum-exp [B, Hq, T]: never T x 
 
 Measured on this machine (B=4, T=512, Hq=9, Hkv=3, D=64, fp32): a blocked Python loop over query blocks with
 batched matmuls (scores per block, softmax, P V, and the flash backward by hand) took 255-330 ms of CPU time for a
-forward and backward at 1 thread against 181 ms for the per-document SDPA calls, so the per-document kernel stays.
+forward and backward at 1 thread against 181 ms for the per-document SDPA calls, so the per-document forward stays.
+The backward of a long document is another matter: torch's CPU kernel spends 17.3 ms on one 512-token document
+(2 threads) where `_blocked_document_backward` (the probabilities rebuilt from the saved log-sum-exp in blocks of
+QUERY_BLOCK queries against the keys up to the block's end, the heads that share a K/V head stacked into one
+matmul) takes 15.1; at 256 tokens the two are even (4.2 / 4.3 ms) and below that torch's kernel wins. So documents
+of more than BLOCKED_BACKWARD_MIN_LEN tokens (fp32) take the blocked backward.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ import torch
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+QUERY_BLOCK = 128
+BLOCKED_BACKWARD_MIN_LEN = 320
 
 
 def document_spans(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
@@ -69,12 +77,56 @@ class PackedCausalAttention(torch.autograd.Function):
         dk = torch.empty(b, t, hkv, d, dtype=k.dtype, device=k.device).transpose(1, 2)  # every position is in
         dv = torch.empty(b, t, hkv, d, dtype=v.dtype, device=v.device).transpose(1, 2)  # one document
         for row, s, e in _pieces(ctx.spans):
+            if e - s > BLOCKED_BACKWARD_MIN_LEN and q.dtype == torch.float32:
+                grads = _blocked_document_backward(dout[row, :, s:e], q[row, :, s:e], k[row, :, s:e],
+                                                   v[row, :, s:e], out[row, :, s:e], lse[row, :, s:e], ctx.scale)
+                for full, piece in zip((dq, dk, dv), grads):
+                    full[row, :, s:e] = piece
+                continue
             r = slice(row, row + 1)
             grads = _backward(dout[r, :, s:e], q[r, :, s:e], k[r, :, s:e], v[r, :, s:e], out[r, :, s:e],
                               lse[r, :, s:e], 0.0, True, scale=ctx.scale)
             for full, piece in zip((dq, dk, dv), grads):
                 full[r, :, s:e] = piece
         return dq, dk, dv, None, None
+
+
+def _blocked_document_backward(dout, q, k, v, out, lse, scale):
+    """One document's causal attention gradients by batched matmuls, QUERY_BLOCK queries at a time.
+
+    dout, q, out [Hq, n, D], k, v [Hkv, n, D], lse [Hq, n] (the forward's log-sum-exp of the scaled scores)
+    -> dq [Hq, n, D], dk, dv [Hkv, n, D]. Query head h reads K/V head h // g (g = Hq / Hkv, as SDPA's GQA), so
+    the g heads of a group are stacked into the rows of one matmul, and dk, dv come out summed over the group.
+    Per block of queries [t0, t1) against keys [0, t1):
+        P  = exp(scale q k^T - lse)  (zero above the diagonal)     dv += P^T do
+        dS = P * (do v^T - rowsum(do * out))                       dq  = scale dS k,  dk += scale dS^T q
+    """
+    hkv, n, d = k.shape
+    g = q.shape[0] // hkv
+    scale = d ** -0.5 if scale is None else scale
+    q_groups, dout_groups = q.view(hkv, g, n, d), dout.view(hkv, g, n, d)  # [Hkv, g, n, D]
+    lse_groups = lse.view(hkv, g, n, 1)
+    delta = torch.linalg.vecdot(dout, out).view(hkv, g, n, 1)  # rowsum(do * out) [Hkv, g, n, 1]
+    k, v = k.contiguous(), v.contiguous()  # [Hkv, n, D]
+    dq = torch.empty(hkv, g, n, d, dtype=q.dtype)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    above_diagonal = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool).triu_(1)
+    for t0 in range(0, n, QUERY_BLOCK):
+        t1 = min(t0 + QUERY_BLOCK, n)
+        m = t1 - t0
+        q_block = q_groups[:, :, t0:t1].reshape(hkv, g * m, d)  # [Hkv, g m, D]
+        dout_block = dout_groups[:, :, t0:t1].reshape(hkv, g * m, d)
+        keys, values = k[:, :t1], v[:, :t1]  # [Hkv, t1, D]
+        probs = torch.baddbmm(lse_groups[:, :, t0:t1].reshape(hkv, g * m, 1), q_block, keys.transpose(1, 2),
+                              beta=-1, alpha=scale)  # [Hkv, g m, t1] log-probabilities
+        probs.view(hkv, g, m, t1)[..., t0:].masked_fill_(above_diagonal[:m, :m], float("-inf"))
+        probs.exp_()
+        dv[:, :t1].baddbmm_(probs.transpose(1, 2), dout_block)
+        dscores = torch.bmm(dout_block, values.transpose(1, 2))  # [Hkv, g m, t1]
+        dscores.sub_(delta[:, :, t0:t1].reshape(hkv, g * m, 1)).mul_(probs)
+        dq[:, :, t0:t1] = torch.bmm(dscores, keys).view(hkv, g, m, d)
+        dk[:, :t1].baddbmm_(dscores.transpose(1, 2), q_block)
+    return dq.mul_(scale).view(hkv * g, n, d), dk.mul_(scale), dv
 
 
 def packed_causal_attention(q, k, v, spans, scale=None):

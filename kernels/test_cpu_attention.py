@@ -48,6 +48,37 @@ def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d):
         assert_close64(grad, expected_grad, torch.float32, f"d{name}")
 
 
+@pytest.mark.parametrize("min_len,query_block,t", [(8, 8, 45), (None, None, 700)])
+def test_blocked_backward_of_long_documents_matches_float64_reference(min_len, query_block, t, monkeypatch):
+    """Documents above BLOCKED_BACKWARD_MIN_LEN take the blocked-matmul backward: small blocks with a ragged last
+    one, and the real constants on a 700-token row (its longest documents exceed the threshold)."""
+    if min_len is not None:
+        monkeypatch.setattr(cpu_attention, "BLOCKED_BACKWARD_MIN_LEN", min_len)
+        monkeypatch.setattr(cpu_attention, "QUERY_BLOCK", query_block)
+    generator = torch.Generator().manual_seed(t)
+    (q, k, v), _ = packed_inputs(2, t, 6, 2, 16, generator)
+    cut = torch.randint(1, t - 1, (2,), generator=generator)
+    segment_ids = (torch.arange(t)[None, :] >= cut[:, None]).long()  # two documents per row, one may be long
+    spans = cpu_attention.document_spans(segment_ids)
+    calls = {"blocked": 0}
+    real = cpu_attention._blocked_document_backward
+
+    def counted(*args):
+        calls["blocked"] += 1
+        return real(*args)
+    monkeypatch.setattr(cpu_attention, "_blocked_document_backward", counted)
+    out = cpu_attention.packed_causal_attention(q, k, v, spans)
+    grad_out = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_calls = sum(e - s > cpu_attention.BLOCKED_BACKWARD_MIN_LEN for row in spans for s, e in row)
+    assert calls["blocked"] == expected_calls > 0
+    q64, k64, v64 = [a.detach().double().requires_grad_() for a in (q, k, v)]
+    expected = reference(q64, k64, v64, segment_ids)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads):
+        assert_close64(grad, expected_grad, torch.float32, f"d{name}")
+
+
 def test_document_spans():
     segment_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
     assert cpu_attention.document_spans(segment_ids) == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]
