@@ -569,7 +569,10 @@ _GPU_CONFIGS = {  # block_d: {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
     16: {"fwd": (128, 64, 4, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 64, 4, 3)},
     32: {"fwd": (128, 64, 4, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 64, 4, 3)},
     64: {"fwd": (128, 64, 4, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 64, 8, 3)},
-    128: {"fwd": (128, 64, 8, 3), "dkdv": (16, 128, 8, 2), "dq": (128, 32, 8, 3)},
+    # The sliding-window forward (its masks keep the window bound live too) at 3 stages reaches 255 registers with
+    # Triton 3.9 and spills 16 B at head dim 128; at 2 stages the same tile uses 222-236 (head dims 96/128, Triton
+    # 3.6 and 3.9), no spill.
+    128: {"fwd": (128, 64, 8, 3), "fwd_window": (128, 64, 8, 2), "dkdv": (16, 128, 8, 2), "dq": (128, 32, 8, 3)},
     256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 64, 8, 2), "dq": (64, 32, 8, 2)},
 }
 _INTERPRETER_CONFIG = {"fwd": (16, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
@@ -581,10 +584,12 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(kernel, head_dim, gpu, dtype=torch.bfloat16):
+def _config(kernel, head_dim, gpu, dtype=torch.bfloat16, window=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); window: a "<kernel>_window" entry, where the table has one."""
     if not gpu:
         return _INTERPRETER_CONFIG[kernel]
-    block_m, block_n, warps, stages = _GPU_CONFIGS[_block_d(head_dim)][kernel]
+    configs = _GPU_CONFIGS[_block_d(head_dim)]
+    block_m, block_n, warps, stages = configs.get(f"{kernel}_window", configs[kernel]) if window else configs[kernel]
     if dtype == torch.float32:  # 4-byte tiles: fewer pipeline stages fit in the 227 KB of shared memory
         stages = min(stages, 2)
     return block_m, block_n, warps, stages
@@ -695,7 +700,7 @@ def forward_launch(q, k, v, o, lse, segments, causal, window, scale, gpu):
     """(kernel, grid, args, options) of the forward kernel; the compile check builds the same launches."""
     batch, n_heads, tq, head_dim = q.shape
     n_kv_heads, tk = k.shape[1], k.shape[2]
-    block_m, block_n, warps, stages = _config("fwd", head_dim, gpu, q.dtype)
+    block_m, block_n, warps, stages = _config("fwd", head_dim, gpu, q.dtype, window=window is not None)
     n_qblocks = triton.cdiv(tq, block_m)
     args = (q, k, v, o, lse, segments.seg, segments.key_ranges(block_m, block_n), *_strides(q), *_strides(k),
             *_strides(v), *_strides(o), n_heads, n_heads // n_kv_heads, tq, tk, window or 0, scale * LOG2E,
