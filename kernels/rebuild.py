@@ -16,6 +16,7 @@ holes between the kept activations, so glibc's heap fragments less (engine/host_
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -51,10 +52,7 @@ def scratch_output(key: str, shape, dtype: torch.dtype, device) -> torch.Tensor 
     off the CPU (CUDA's caching allocator already reuses memory): the op allocates as usual."""
     if not _scopes or torch.device(device).type != "cpu":
         return None
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     storage = _scratch.get((key, dtype))
     if storage is None or storage.nbytes() < nbytes:
         storage = _scratch[(key, dtype)] = torch.UntypedStorage(nbytes)
