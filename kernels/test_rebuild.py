@@ -72,3 +72,15 @@ def test_scope_is_off_without_grad():
     with torch.no_grad(), rebuild.rebuild_scope():
         rebuild.rebuild_in_backward(x * 2, lambda: None)
         assert not rebuild._scopes
+
+
+def test_scratch_output_reuses_one_storage_inside_a_scope_only():
+    assert rebuild.scratch_output("test", (3, 4), torch.float32, "cpu") is None  # no scope: the op allocates
+    with rebuild.rebuild_scope():
+        small = rebuild.scratch_output("test", (3, 4), torch.float32, "cpu")
+        large = rebuild.scratch_output("test", (5, 8), torch.float32, "cpu")  # grows the storage
+        again = rebuild.scratch_output("test", (2, 8), torch.float32, "cpu")
+        other = rebuild.scratch_output("other", (2, 8), torch.float32, "cpu")
+    assert small.shape == (3, 4) and large.shape == (5, 8) and again.shape == (2, 8)
+    assert again.data_ptr() == large.data_ptr() != other.data_ptr()
+    assert again is not large and again.grad_fn is None  # a new tensor object over the same memory
