@@ -77,17 +77,14 @@ class PackedCausalAttention(torch.autograd.Function):
         dk = torch.empty(b, t, hkv, d, dtype=k.dtype, device=k.device).transpose(1, 2)  # every position is in
         dv = torch.empty(b, t, hkv, d, dtype=v.dtype, device=v.device).transpose(1, 2)  # one document
         for row, s, e in _pieces(ctx.spans):
+            pieces = (dout[row, :, s:e], q[row, :, s:e], k[row, :, s:e], v[row, :, s:e], out[row, :, s:e],
+                      lse[row, :, s:e])  # one document: [H, n, D] (lse [Hq, n])
             if e - s > BLOCKED_BACKWARD_MIN_LEN and q.dtype == torch.float32:
-                grads = _blocked_document_backward(dout[row, :, s:e], q[row, :, s:e], k[row, :, s:e],
-                                                   v[row, :, s:e], out[row, :, s:e], lse[row, :, s:e], ctx.scale)
-                for full, piece in zip((dq, dk, dv), grads):
-                    full[row, :, s:e] = piece
-                continue
-            r = slice(row, row + 1)
-            grads = _backward(dout[r, :, s:e], q[r, :, s:e], k[r, :, s:e], v[r, :, s:e], out[r, :, s:e],
-                              lse[r, :, s:e], 0.0, True, scale=ctx.scale)
+                grads = _blocked_document_backward(*pieces, ctx.scale)
+            else:
+                grads = [g[0] for g in _backward(*(p[None] for p in pieces), 0.0, True, scale=ctx.scale)]
             for full, piece in zip((dq, dk, dv), grads):
-                full[r, :, s:e] = piece
+                full[row, :, s:e] = piece
         return dq, dk, dv, None, None
 
 
