@@ -9,14 +9,14 @@ K/V are never repeated) on each document's views and writes the output and the g
 [B, T, H, D] buffers, the layout of the projections' outputs, so the views into and out of the attention cost
 nothing. It keeps q, k, v, the output and the log-sum-exp [B, Hq, T]: never T x T probabilities.
 
-Measured on this machine (B=4, T=512, Hq=9, Hkv=3, D=64, fp32): a blocked Python loop over query blocks with
-batched matmuls (scores per block, softmax, P V, and the flash backward by hand) took 255-330 ms of CPU time for a
-forward and backward at 1 thread against 181 ms for the per-document SDPA calls, so the per-document forward stays.
-The backward of a long document is another matter: torch's CPU kernel spends 17.3 ms on one 512-token document
-(2 threads) where `_blocked_document_backward` (the probabilities rebuilt from the saved log-sum-exp in blocks of
+Measured on this machine (Hq=9, Hkv=3, D=64, fp32, 2 threads, one document): a blocked forward in torch ops
+(scores per block of queries, max, exp2, sum, P V) takes 7.0 ms for 512 tokens against 5.5 for torch's kernel,
+so the forward stays torch's. The backward is another matter: torch's CPU kernel spends 15.7 ms on a 512-token
+document where `_blocked_document_backward` (the probabilities rebuilt from the saved log-sum-exp in blocks of
 QUERY_BLOCK queries against the keys up to the block's end, the heads that share a K/V head stacked into one
-matmul) takes 15.1; at 256 tokens the two are even (4.2 / 4.3 ms) and below that torch's kernel wins. So documents
-of more than BLOCKED_BACKWARD_MIN_LEN tokens (fp32) take the blocked backward.
+matmul) takes 10.9; 8.2 against 6.0 at 384 tokens, 4.0 against 3.3 at 256, even at 128 (1.2 ms). So documents of
+more than BLOCKED_BACKWARD_MIN_LEN tokens (fp32) take the blocked backward. Blocks of 64 queries beat 128 (13.5
+ms at 512 tokens: the block's probabilities outgrow the 512 KB L2).
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ import torch
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-QUERY_BLOCK = 128
-BLOCKED_BACKWARD_MIN_LEN = 320
+QUERY_BLOCK = 64
+BLOCKED_BACKWARD_MIN_LEN = 128
+LOG2_E = 1.4426950408889634
 
 
 def document_spans(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
@@ -83,8 +84,8 @@ class PackedCausalAttention(torch.autograd.Function):
                 grads = _blocked_document_backward(*pieces, ctx.scale)
             else:
                 grads = [g[0] for g in _backward(*(p[None] for p in pieces), 0.0, True, scale=ctx.scale)]
-            for full, piece in zip((dq, dk, dv), grads):
-                full[row, :, s:e] = piece
+            for full, piece in zip((dq, dk, dv), grads):  # piece [H, n, D] or, dq of the blocked path, [Hkv, g, n, D]
+                full[row, :, s:e].view(piece.shape).copy_(piece)
         return dq, dk, dv, None, None
 
 
@@ -92,38 +93,42 @@ def _blocked_document_backward(dout, q, k, v, out, lse, scale):
     """One document's causal attention gradients by batched matmuls, QUERY_BLOCK queries at a time.
 
     dout, q, out [Hq, n, D], k, v [Hkv, n, D], lse [Hq, n] (the forward's log-sum-exp of the scaled scores)
-    -> dq [Hq, n, D], dk, dv [Hkv, n, D]. Query head h reads K/V head h // g (g = Hq / Hkv, as SDPA's GQA), so
-    the g heads of a group are stacked into the rows of one matmul, and dk, dv come out summed over the group.
+    -> dq [Hkv, g, n, D] (g = Hq / Hkv), dk, dv [Hkv, n, D]. Query head h reads K/V head h // g (SDPA's GQA), so
+    the g heads of a group are stacked into the rows of one matmul, position-major ([Hkv, n g, D]: a block of
+    queries is a view, not a copy), and dk, dv come out summed over the group.
     Per block of queries [t0, t1) against keys [0, t1):
         P  = exp(scale q k^T - lse)  (zero above the diagonal)     dv += P^T do
         dS = P * (do v^T - rowsum(do * out))                       dq  = scale dS k,  dk += scale dS^T q
+    P is exp2 of log2(e)-scaled logits (torch's CPU exp2 runs at twice the rate of exp), zeroed above the diagonal
+    after the exponential: exp of -inf (or of anything that underflows) takes a slow path, about 7x the normal one.
     """
     hkv, n, d = k.shape
     g = q.shape[0] // hkv
     scale = d ** -0.5 if scale is None else scale
-    q_groups, dout_groups = q.view(hkv, g, n, d), dout.view(hkv, g, n, d)  # [Hkv, g, n, D]
-    lse_groups = lse.view(hkv, g, n, 1)
-    delta = torch.linalg.vecdot(dout, out).view(hkv, g, n, 1)  # rowsum(do * out) [Hkv, g, n, 1]
+
+    def position_major(x):  # [Hkv g, n, ...] -> [Hkv, n g, ...]
+        return x.unflatten(0, (hkv, g)).transpose(1, 2).flatten(1, 2)
+
+    q_rows, dout_rows = position_major(q).contiguous(), position_major(dout).contiguous()  # [Hkv, n g, D]
+    lse_log2 = position_major(lse * LOG2_E)[..., None]  # [Hkv, n g, 1]
+    delta = position_major(torch.linalg.vecdot(dout, out))[..., None]  # rowsum(do * out) [Hkv, n g, 1]
     k, v = k.contiguous(), v.contiguous()  # [Hkv, n, D]
-    dq = torch.empty(hkv, g, n, d, dtype=q.dtype)
+    dq = torch.empty_like(q_rows)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    above_diagonal = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool).triu_(1)
+    above_diagonal = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool).triu_(1)[:, None]  # [query, 1, key]
     for t0 in range(0, n, QUERY_BLOCK):
         t1 = min(t0 + QUERY_BLOCK, n)
-        m = t1 - t0
-        q_block = q_groups[:, :, t0:t1].reshape(hkv, g * m, d)  # [Hkv, g m, D]
-        dout_block = dout_groups[:, :, t0:t1].reshape(hkv, g * m, d)
+        m, rows = t1 - t0, slice(t0 * g, t1 * g)
         keys, values = k[:, :t1], v[:, :t1]  # [Hkv, t1, D]
-        probs = torch.baddbmm(lse_groups[:, :, t0:t1].reshape(hkv, g * m, 1), q_block, keys.transpose(1, 2),
-                              beta=-1, alpha=scale)  # [Hkv, g m, t1] log-probabilities
-        probs.view(hkv, g, m, t1)[..., t0:].masked_fill_(above_diagonal[:m, :m], float("-inf"))
-        probs.exp_()
-        dv[:, :t1].baddbmm_(probs.transpose(1, 2), dout_block)
-        dscores = torch.bmm(dout_block, values.transpose(1, 2))  # [Hkv, g m, t1]
-        dscores.sub_(delta[:, :, t0:t1].reshape(hkv, g * m, 1)).mul_(probs)
-        dq[:, :, t0:t1] = torch.bmm(dscores, keys).view(hkv, g, m, d)
-        dk[:, :t1].baddbmm_(dscores.transpose(1, 2), q_block)
-    return dq.mul_(scale).view(hkv * g, n, d), dk.mul_(scale), dv
+        probs = torch.baddbmm(lse_log2[:, rows], q_rows[:, rows], keys.transpose(1, 2), beta=-1,
+                              alpha=scale * LOG2_E).exp2_()  # [Hkv, m g, t1]
+        probs.view(hkv, m, g, t1)[..., t0:].masked_fill_(above_diagonal[:m, :, :m], 0.0)
+        dv[:, :t1].baddbmm_(probs.transpose(1, 2), dout_rows[:, rows])
+        dscores = torch.baddbmm(delta[:, rows], dout_rows[:, rows], values.transpose(1, 2), beta=-1).mul_(probs)
+        dq[:, rows] = torch.bmm(dscores, keys)  # [Hkv, m g, D]
+        dk[:, :t1].baddbmm_(dscores.transpose(1, 2), q_rows[:, rows])
+    dq = dq.mul_(scale).view(hkv, n, g, d).transpose(1, 2)  # [Hkv, g, n, D]
+    return dq, dk.mul_(scale), dv
 
 
 def packed_causal_attention(q, k, v, spans, scale=None):

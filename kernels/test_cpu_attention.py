@@ -48,15 +48,19 @@ def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d):
         assert_close64(grad, expected_grad, torch.float32, f"d{name}")
 
 
-@pytest.mark.parametrize("min_len,query_block,t", [(8, 8, 45), (None, None, 700)])
-def test_blocked_backward_of_long_documents_matches_float64_reference(min_len, query_block, t, monkeypatch):
+@pytest.mark.parametrize("min_len,query_block,t,logit_scale", [(8, 8, 45, 1.0), (None, None, 700, 1.0),
+                                                               (8, 8, 45, 30.0)])
+def test_blocked_backward_of_long_documents_matches_float64_reference(min_len, query_block, t, logit_scale,
+                                                                     monkeypatch):
     """Documents above BLOCKED_BACKWARD_MIN_LEN take the blocked-matmul backward: small blocks with a ragged last
-    one, and the real constants on a 700-token row (its longest documents exceed the threshold)."""
+    one, the real constants on a 700-token row (its longest documents exceed the threshold), and logits so large
+    that the masked future keys' exponentials overflow to inf before they are zeroed."""
     if min_len is not None:
         monkeypatch.setattr(cpu_attention, "BLOCKED_BACKWARD_MIN_LEN", min_len)
         monkeypatch.setattr(cpu_attention, "QUERY_BLOCK", query_block)
     generator = torch.Generator().manual_seed(t)
     (q, k, v), _ = packed_inputs(2, t, 6, 2, 16, generator)
+    q = (q.detach() * logit_scale).requires_grad_()
     cut = torch.randint(1, t - 1, (2,), generator=generator)
     segment_ids = (torch.arange(t)[None, :] >= cut[:, None]).long()  # two documents per row, one may be long
     spans = cpu_attention.document_spans(segment_ids)
