@@ -118,3 +118,18 @@ def test_weight_gradient_accumulates_in_place():
         ce._accumulate_dw(dw, grad, h_chunk)
         torch.testing.assert_close(dw.double(), times * expected, atol=1e-3, rtol=1e-3)
     assert dw.data_ptr() == storage and dw.dtype == torch.float32
+
+
+def test_cpu_logits_buffer_is_kept_between_calls_and_replaced_on_a_new_shape():
+    """CPU: the [C, V] chunk buffer survives the call (no fresh mmap per step); a call with another vocabulary
+    frees it for its own, and every call still matches the float64 reference."""
+    if device() != "cpu":
+        pytest.skip("the kept buffer is the CPU path's")
+    ce._cpu_logits_buffers.clear()
+    buffers = []
+    for v in (96, 96, 80):
+        hidden, weight, labels = make_inputs(20, 16, v, torch.float32)
+        check_against_float64("torch", hidden, weight, labels, "mean", torch.float32, 8)
+        assert list(ce._cpu_logits_buffers) == [(8, v, torch.float32)]
+        buffers.append(ce._cpu_logits_buffers[(8, v, torch.float32)])
+    assert buffers[1] is buffers[0] and buffers[2] is not buffers[0]
