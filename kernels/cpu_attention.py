@@ -20,6 +20,10 @@ ms at 512 tokens: the block's probabilities outgrow the 512 KB L2).
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -53,6 +57,52 @@ def _pieces(spans):
     return [(row, start, end) for row, row_spans in enumerate(spans) for start, end in row_spans]
 
 
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, the pool)
+
+
+def _single_threaded_workers(workers: int) -> ThreadPoolExecutor:
+    """`workers` Python threads whose torch ops each run on one intra-op thread (made once per process).
+
+    torch.set_num_threads is per thread for OpenMP and MKL, but it also stores the count new threads start from,
+    so the caller's count is set back once every worker has set its own."""
+    global _pool
+    if _pool is None or _pool[:2] != (os.getpid(), workers):  # a forked child has none of its parent's threads
+        caller_threads = torch.get_num_threads()
+        started = threading.Barrier(workers)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="hippo-attention")
+        # get_num_threads first: a thread's first call sets its count from the stored one, which would undo ours
+        list(pool.map(lambda _: (torch.get_num_threads(), torch.set_num_threads(1), started.wait()), range(workers)))
+        torch.set_num_threads(caller_threads)
+        _pool = (os.getpid(), workers, pool)
+    return _pool[2]
+
+
+def parallel_units(fn, pieces, kv_heads: int, device) -> None:
+    """Run fn((row, start, end, first K/V head, end K/V head)) over every document, in parallel over documents.
+
+    Torch's intra-op threads split each small op of an attention backward (a 64-query block's matmuls and
+    exponentials) between the cores and wait for one another after each; on 2 cores that gains 1.3x over one
+    thread. A document per single-threaded worker gains 1.8x: 4 x 512-token documents take 34 ms instead of 42.
+    The longest documents go first (a worker takes the next one when it is free), and a document with more than
+    a worker's share of the work is cut into its K/V heads, which are independent. Units write disjoint slices."""
+    workers = torch.get_num_threads()
+    if workers == 1 or device.type != "cpu" or len(pieces) == 0:
+        for row, s, e in pieces:
+            fn((row, s, e, 0, kv_heads))
+        return
+    total = sum((e - s) ** 2 for _, s, e in pieces)
+    units = []
+    for row, s, e in sorted(pieces, key=lambda piece: piece[1] - piece[2]):  # longest first
+        split = (e - s) ** 2 * workers > total
+        units += [(row, s, e, h, h + 1) for h in range(kv_heads)] if split else [(row, s, e, 0, kv_heads)]
+    grad_mode = torch.is_grad_enabled()  # thread-local: the workers take the caller's
+
+    def run(unit):
+        with torch.set_grad_enabled(grad_mode):
+            fn(unit)
+    list(_single_threaded_workers(workers).map(run, units))  # re-raises a unit's exception here
+
+
 class PackedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spans, scale):
@@ -74,18 +124,24 @@ class PackedCausalAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         b, hq, t, d = q.shape
         hkv = k.shape[1]
+        g = hq // hkv
         dq = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D] views
         dk = torch.empty(b, t, hkv, d, dtype=k.dtype, device=k.device).transpose(1, 2)  # every position is in
         dv = torch.empty(b, t, hkv, d, dtype=v.dtype, device=v.device).transpose(1, 2)  # one document
-        for row, s, e in _pieces(ctx.spans):
-            pieces = (dout[row, :, s:e], q[row, :, s:e], k[row, :, s:e], v[row, :, s:e], out[row, :, s:e],
-                      lse[row, :, s:e])  # one document: [H, n, D] (lse [Hq, n])
+
+        def document_backward(unit):  # one document's K/V heads [h0, h1): writes its slices of dq, dk, dv
+            row, s, e, h0, h1 = unit
+            heads, kv_heads = slice(h0 * g, h1 * g), slice(h0, h1)
+            pieces = (dout[row, heads, s:e], q[row, heads, s:e], k[row, kv_heads, s:e], v[row, kv_heads, s:e],
+                      out[row, heads, s:e], lse[row, heads, s:e])  # [H, n, D] (lse [Hq, n])
             if e - s > BLOCKED_BACKWARD_MIN_LEN and q.dtype == torch.float32:
                 grads = _blocked_document_backward(*pieces, ctx.scale)
             else:
                 grads = [g[0] for g in _backward(*(p[None] for p in pieces), 0.0, True, scale=ctx.scale)]
-            for full, piece in zip((dq, dk, dv), grads):  # piece [H, n, D] or, dq of the blocked path, [Hkv, g, n, D]
-                full[row, :, s:e].view(piece.shape).copy_(piece)
+            for full, piece in zip((dq[row, heads], dk[row, kv_heads], dv[row, kv_heads]), grads):
+                full[:, s:e].view(piece.shape).copy_(piece)  # piece [H, n, D], or the blocked dq [Hkv, g, n, D]
+
+        parallel_units(document_backward, _pieces(ctx.spans), hkv, q.device)
         return dq, dk, dv, None, None
 
 

@@ -1,4 +1,6 @@
 """kernels/cpu_attention.py against a float64 softmax(QK^T) V written out here, and the CPU dispatch in kernels/ops.py."""
+import threading
+
 import pytest
 import torch
 
@@ -64,18 +66,18 @@ def test_blocked_backward_of_long_documents_matches_float64_reference(min_len, q
     cut = torch.randint(1, t - 1, (2,), generator=generator)
     segment_ids = (torch.arange(t)[None, :] >= cut[:, None]).long()  # two documents per row, one may be long
     spans = cpu_attention.document_spans(segment_ids)
-    calls = {"blocked": 0}
+    calls = {"blocked query heads": 0}  # a document may be cut into its K/V heads across the workers
     real = cpu_attention._blocked_document_backward
 
     def counted(*args):
-        calls["blocked"] += 1
+        calls["blocked query heads"] += args[1].shape[0]
         return real(*args)
     monkeypatch.setattr(cpu_attention, "_blocked_document_backward", counted)
     out = cpu_attention.packed_causal_attention(q, k, v, spans)
     grad_out = torch.randn(out.shape, generator=generator)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     expected_calls = sum(e - s > cpu_attention.BLOCKED_BACKWARD_MIN_LEN for row in spans for s, e in row)
-    assert calls["blocked"] == expected_calls > 0
+    assert calls["blocked query heads"] == expected_calls * 6 > 0
     q64, k64, v64 = [a.detach().double().requires_grad_() for a in (q, k, v)]
     expected = reference(q64, k64, v64, segment_ids)
     expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
@@ -109,3 +111,24 @@ def test_cpu_dispatch(monkeypatch):
         assert_close64(out, reference(q64, k64, v64, ids, window), torch.float32, f"window={window}")
         assert calls["packed"] == packed, f"window={window}, split={split_document}: packed node called {calls}"
         calls["packed"] = 0
+
+
+def test_parallel_units_cover_each_document_once_on_the_workers():
+    """Documents run on single-threaded workers, longest first; one with more than a worker's share of the work
+    is cut into its K/V heads. The caller keeps its thread count, the workers take its grad mode."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def record(unit):
+            seen.append((unit, threading.current_thread().name, torch.is_grad_enabled(), torch.get_num_threads()))
+        pieces = [(1, 0, 10), (0, 0, 400), (1, 10, 30)]  # the 400-token document is over half of the work
+        with torch.no_grad():
+            cpu_attention.parallel_units(record, pieces, 3, torch.device("cpu"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    units = sorted(unit for unit, *_ in seen)
+    assert units == [(0, 0, 400, 0, 1), (0, 0, 400, 1, 2), (0, 0, 400, 2, 3), (1, 0, 10, 0, 3), (1, 10, 30, 0, 3)]
+    assert all(name.startswith("hippo-attention") and not grad and workers == 1 for _, name, grad, workers in seen)
