@@ -16,7 +16,8 @@ document where `_blocked_document_backward` (the probabilities rebuilt from the 
 QUERY_BLOCK queries against the keys up to the block's end, the heads that share a K/V head stacked into one
 matmul) takes 10.9; 8.2 against 6.0 at 384 tokens, 4.0 against 3.3 at 256, even at 128 (1.2 ms). So documents of
 more than BLOCKED_BACKWARD_MIN_LEN tokens (fp32) take the blocked backward. Blocks of 64 queries beat 128 (13.5
-ms at 512 tokens: the block's probabilities outgrow the 512 KB L2).
+ms at 512 tokens: the block's probabilities outgrow the 512 KB L2). Documents run in parallel, each on one
+single-threaded worker (`parallel_units`), in the forward and in the backward.
 """
 from __future__ import annotations
 
@@ -80,11 +81,12 @@ def _single_threaded_workers(workers: int) -> ThreadPoolExecutor:
 def parallel_units(fn, pieces, kv_heads: int, device) -> None:
     """Run fn((row, start, end, first K/V head, end K/V head)) over every document, in parallel over documents.
 
-    Torch's intra-op threads split each small op of an attention backward (a 64-query block's matmuls and
-    exponentials) between the cores and wait for one another after each; on 2 cores that gains 1.3x over one
-    thread. A document per single-threaded worker gains 1.8x: 4 x 512-token documents take 34 ms instead of 42.
-    The longest documents go first (a worker takes the next one when it is free), and a document with more than
-    a worker's share of the work is cut into its K/V heads, which are independent. Units write disjoint slices."""
+    Torch's intra-op threads split each small op of the blocked backward (a 64-query block's matmuls and
+    exponentials) between the cores and wait for one another after each: on 2 cores that gains 1.3x over one
+    thread, where a document per single-threaded worker gains 1.8x (4 x 512-token documents: 34 ms instead of 42).
+    Torch's forward kernel gains less (a layer of 4 rows of 1-3 documents: 14.7 ms instead of 16.0). The longest
+    documents go first (a worker takes the next one when it is free), and a document with more than a worker's
+    share of the work is cut into its K/V heads, which are independent. Units write disjoint slices."""
     workers = torch.get_num_threads()
     if workers == 1 or device.type != "cpu" or len(pieces) == 0:
         for row, s, e in pieces:
@@ -110,11 +112,17 @@ class PackedCausalAttention(torch.autograd.Function):
         b, hq, t, d = q.shape
         out = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D] view
         lse = torch.empty(b, hq, t, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        for row, s, e in _pieces(spans):
-            r = slice(row, row + 1)
-            piece, piece_lse = _forward(q[r, :, s:e], k[r, :, s:e], v[r, :, s:e], 0.0, True, scale=scale)
-            out[r, :, s:e] = piece  # [1, Hq, n, D]
-            lse[r, :, s:e] = piece_lse  # [1, Hq, n]
+        g = hq // k.shape[1]
+
+        def document_forward(unit):  # one document's K/V heads [h0, h1): writes its slices of out and lse
+            row, s, e, h0, h1 = unit
+            r, heads, kv_heads = slice(row, row + 1), slice(h0 * g, h1 * g), slice(h0, h1)
+            piece, piece_lse = _forward(q[r, heads, s:e], k[r, kv_heads, s:e], v[r, kv_heads, s:e], 0.0, True,
+                                        scale=scale)
+            out[r, heads, s:e] = piece  # [1, H, n, D]
+            lse[r, heads, s:e] = piece_lse  # [1, H, n]
+
+        parallel_units(document_forward, _pieces(spans), k.shape[1], q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spans, ctx.scale = spans, scale
         return out
