@@ -17,7 +17,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-LOGITS_CHUNK_ELEMENTS = 1 << 24  # [C, V] chunk budget: C = next power of two >= 2^24 / V (capped at N)
+# [C, V] chunk budget: C = next power of two >= 2^25 / V (capped at N). SmolLM2 (V = 49,152, fp32, CPU): 1024-row
+# chunks (200 MB) take 1.48 s for the loss and gradient of 2048 tokens against 1.55 s at 512 rows and 2.06 at 128.
+LOGITS_CHUNK_ELEMENTS = 1 << 25
 
 
 class CrossEntropyInputError(ValueError):
@@ -100,8 +102,8 @@ _cpu_logits_buffers: dict[tuple, torch.Tensor] = {}  # (rows, vocab, dtype) -> t
 
 def _logits_buffer(hidden, rows, vocab):
     """The [rows, vocab] chunk buffer. On CPU one buffer is kept between calls: at 100+ MB it is beyond glibc's
-    mmap threshold, so a fresh one per call is a fresh mmap whose pages all fault again (24,576 faults per training
-    step at 512 x 49,152 fp32). Nothing that views it outlives the call. CUDA's caching allocator already reuses."""
+    mmap threshold, so a fresh one per call is a fresh mmap whose pages all fault again (49,152 faults per training
+    step at 1024 x 49,152 fp32). Nothing that views it outlives the call. CUDA's caching allocator already reuses."""
     if hidden.device.type != "cpu":
         return hidden.new_empty(rows, vocab)
     key = (rows, vocab, hidden.dtype)

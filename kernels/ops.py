@@ -80,7 +80,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
 
     hidden [..., H] with labels [...] works too. reduction: "mean" over non-ignored labels, "sum", or "none"
     (labels' shape, zero where ignored; minus the per-token log-probs). chunk_size: tokens per logits chunk
-    (default: about 2^24 logits per chunk).
+    (default: about 2^25 logits per chunk).
     """
     from . import cross_entropy as op
     fn = op.fused_linear_cross_entropy_triton if use_triton(hidden) else op.fused_linear_cross_entropy_torch
