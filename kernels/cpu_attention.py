@@ -145,7 +145,7 @@ class PackedCausalAttention(torch.autograd.Function):
             if e - s > BLOCKED_BACKWARD_MIN_LEN and q.dtype == torch.float32:
                 grads = _blocked_document_backward(*pieces, ctx.scale)
             else:
-                grads = [g[0] for g in _backward(*(p[None] for p in pieces), 0.0, True, scale=ctx.scale)]
+                grads = [grad[0] for grad in _backward(*(p[None] for p in pieces), 0.0, True, scale=ctx.scale)]
             for full, piece in zip((dq[row, heads], dk[row, kv_heads], dv[row, kv_heads]), grads):
                 full[:, s:e].view(piece.shape).copy_(piece)  # piece [H, n, D], or the blocked dq [Hkv, g, n, D]
 
