@@ -97,10 +97,11 @@ def parallel_units(fn, pieces, kv_heads: int, device) -> None:
     for row, s, e in sorted(pieces, key=lambda piece: piece[1] - piece[2]):  # longest first
         split = (e - s) ** 2 * workers > total
         units += [(row, s, e, h, h + 1) for h in range(kv_heads)] if split else [(row, s, e, 0, kv_heads)]
-    grad_mode = torch.is_grad_enabled()  # thread-local: the workers take the caller's
+    # Grad and inference mode are thread-local: the workers take the caller's.
+    grad_mode, inference_mode = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def run(unit):
-        with torch.set_grad_enabled(grad_mode):
+        with torch.inference_mode(inference_mode), torch.set_grad_enabled(grad_mode):
             fn(unit)
     list(_single_threaded_workers(workers).map(run, units))  # re-raises a unit's exception here
 

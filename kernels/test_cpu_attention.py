@@ -115,20 +115,24 @@ def test_cpu_dispatch(monkeypatch):
 
 def test_parallel_units_cover_each_document_once_on_the_workers():
     """Documents run on single-threaded workers, longest first; one with more than a worker's share of the work
-    is cut into its K/V heads. The caller keeps its thread count, the workers take its grad mode."""
+    is cut into its K/V heads. The caller keeps its thread count, the workers take its grad and inference modes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         seen = []
 
         def record(unit):
-            seen.append((unit, threading.current_thread().name, torch.is_grad_enabled(), torch.get_num_threads()))
+            seen.append((unit, threading.current_thread().name, torch.is_grad_enabled(),
+                         torch.is_inference_mode_enabled(), torch.get_num_threads()))
         pieces = [(1, 0, 10), (0, 0, 400), (1, 10, 30)]  # the 400-token document is over half of the work
         with torch.no_grad():
+            cpu_attention.parallel_units(record, pieces, 3, torch.device("cpu"))
+        with torch.inference_mode():
             cpu_attention.parallel_units(record, pieces, 3, torch.device("cpu"))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    units = sorted(unit for unit, *_ in seen)
+    units = sorted(unit for unit, *_ in seen[:5])
     assert units == [(0, 0, 400, 0, 1), (0, 0, 400, 1, 2), (0, 0, 400, 2, 3), (1, 0, 10, 0, 3), (1, 10, 30, 0, 3)]
-    assert all(name.startswith("hippo-attention") and not grad and workers == 1 for _, name, grad, workers in seen)
+    assert all(name.startswith("hippo-attention") and not grad and workers == 1 for _, name, grad, _, workers in seen)
+    assert [inference for *_, inference, _ in seen] == [False] * 5 + [True] * 5
