@@ -4,7 +4,7 @@ By default the heap serves them, as every other allocation: after the first step
 with no page faults. The heap fragments (activations kept for the backward sit between short-lived buffers), so its
 peak is above what is live: measured on the benchmark workload (SmolLM2-135M, LoRA, 4 x 512 tokens, fp32), peak
 RSS 2.5 GB in step 1 and 3.1-3.2 GB from step 3 on (it was 3.2 -> 4.0 GB before the forward stopped allocating its
-short-lived norm and SwiGLU outputs, kernels/rebuild.py's scratch, and the cross-entropy's per-chunk buffers).
+short-lived norm and SwiGLU outputs, kernels/rebuild.py's scratch, and the cross-entropy's buffer, now kept).
 
 `mmap_activations=true` (`mmapped_forward()`) trades speed for a lower peak: an allocation of FORWARD_MMAP_BYTES or
 more that the heap's free chunks cannot serve is its own mmap, not a heap extension (glibc consults the threshold
