@@ -141,7 +141,7 @@ def run_trainer(overrides: list[str], warmup: int, out_dir: Path) -> dict:
 
 
 def engine_side(model_dir: Path, mmap_activations: bool = False):
-    from hippocrates.engine.host_memory import mmapped_forward
+    from hippocrates.engine.host_memory import keep_freed_memory, mmapped_forward
     from hippocrates.engine.losses import count_target_tokens, token_cross_entropy
     from hippocrates.models import load_model
     from hippocrates.models.lora import LoraConfig, add_lora
@@ -149,6 +149,7 @@ def engine_side(model_dir: Path, mmap_activations: bool = False):
     model = load_model(model_dir, dtype=torch.float32)
     add_lora(model, LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, target_modules=TARGETS), seed=0)
     model.train()
+    keep_freed_memory("cpu")  # as engine/trainer.py does
 
     def loss_fn(batch):  # as engine/trainer.py runs the forward
         with mmapped_forward("cpu", mmap_activations):

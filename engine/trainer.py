@@ -31,7 +31,7 @@ from hippocrates.kernels import ops
 from hippocrates.engine import checkpointing, distributed, faults
 from hippocrates.engine.config import TrainConfig
 from hippocrates.engine.data import IGNORE_INDEX, build_dataset
-from hippocrates.engine.host_memory import mmapped_forward
+from hippocrates.engine.host_memory import keep_freed_memory, mmapped_forward
 from hippocrates.engine.losses import dpo_logps, dpo_loss
 from hippocrates.engine.losses import token_cross_entropy
 from hippocrates.engine.metrics import MetricsLog, peak_memory_mb, plot_loss_curve, real_tokens, write_run_info
@@ -99,6 +99,7 @@ class StepResult:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the configured training; return the last step's metrics."""
     run = setup(cfg)
+    keep_freed_memory(run.env.device)
     restore(run)
     announce(run)
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc=cfg.stage, disable=not run.env.is_main,

@@ -1,23 +1,21 @@
-"""Causal attention over packed documents on CPU: one autograd node per layer, torch's CPU flash kernel per document.
+"""Causal attention over packed documents on CPU: one autograd node per layer, blocked matmuls per document.
 
 Rows of a packed batch hold several documents; a query sees the keys of its own document up to itself. Cutting
-q, k, v with `split` per row and per document and calling SDPA on each piece (the earlier CPU path) makes the
-backward pay for the gradient of every split, a cat per document and per row for each of dq, dk and dv, and the
-joined output had to be rebuilt in the backward. Here one Function calls torch's fused CPU flash kernels
-(`aten._scaled_dot_product_flash_attention_for_cpu` and its backward, the kernels SDPA itself runs, GQA included:
-K/V are never repeated) on each document's views and writes the output and the gradients straight into
-[B, T, H, D] buffers, the layout of the projections' outputs, so the views into and out of the attention cost
-nothing. It keeps q, k, v, the output and the log-sum-exp [B, Hq, T]: never T x T probabilities.
+q, k, v with `split` per row and per document and calling SDPA on each piece (the earliest CPU path) makes the
+backward pay for the gradient of every split and a cat per document and per row. Here one Function runs each
+document, on [B, T, H, D] views of the projections' outputs, through a blocked loop of batched matmuls:
+QUERY_BLOCK queries at a time against the keys up to the block's end, the g query heads that share a K/V head
+stacked position-major into one matmul ([Hkv, n g, D]: a block of queries is a view, GQA without repeating K/V),
+the exponentials as exp2 of log2(e)-scaled scores (torch's CPU exp2 runs at twice the rate of exp). It keeps q, k, v,
+the output and the log-sum-exp: never T x T probabilities. Every dtype computes in fp32.
 
-Measured on this machine (Hq=9, Hkv=3, D=64, fp32, 2 threads, one document): a blocked forward in torch ops
-(scores per block of queries, max, exp2, sum, P V) takes 7.0 ms for 512 tokens against 5.5 for torch's kernel,
-so the forward stays torch's. The backward is another matter: torch's CPU kernel spends 15.7 ms on a 512-token
-document where `_blocked_document_backward` (the probabilities rebuilt from the saved log-sum-exp in blocks of
-QUERY_BLOCK queries against the keys up to the block's end, the heads that share a K/V head stacked into one
-matmul) takes 10.9; 8.2 against 6.0 at 384 tokens, 4.0 against 3.3 at 256, even at 128 (1.2 ms). So documents of
-more than BLOCKED_BACKWARD_MIN_LEN tokens (fp32) take the blocked backward. Blocks of 64 queries beat 128 (13.5
-ms at 512 tokens: the block's probabilities outgrow the 512 KB L2). Documents run in parallel, each on one
-single-threaded worker (`parallel_units`), in the forward and in the backward.
+Measured on this machine (Hq=9, Hkv=3, D=64, fp32, one thread, one 512-token document): the forward takes
+6.4-7.5 ms against 9.3 for torch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, which
+this file called before), the backward's loop 13.6-14.0 ms against 16.3-17.3 for the blocked backward it
+replaces. In a training step of the benchmark workload (4 rows of 1-3 documents, 2 threads) the forward takes
+25.3 ms per layer instead of 27.2, the backward about the same (42 ms). Blocks of 64 queries beat 128 (the
+block's probabilities outgrow the L2). Documents run in parallel, each on one single-threaded worker
+(`parallel_units`), in the forward and the backward.
 """
 from __future__ import annotations
 
@@ -27,11 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
 QUERY_BLOCK = 64
-BLOCKED_BACKWARD_MIN_LEN = 128
 LOG2_E = 1.4426950408889634
 
 
@@ -106,24 +100,39 @@ def parallel_units(fn, pieces, kv_heads: int, device) -> None:
     list(_single_threaded_workers(workers).map(run, units))  # re-raises a unit's exception here
 
 
+def _rows_of(x, row, s, e, h0, h1, group):
+    """x [B, Hq, T, D], a view of [B, T, Hq, D] memory -> [h1 - h0, e - s, group D]: per K/V head in [h0, h1), one
+    row per position holding its `group` query heads (a view; a copy when x has another layout)."""
+    return x.transpose(1, 2)[row, s:e, h0 * group:h1 * group].unflatten(1, (h1 - h0, -1)).flatten(2).transpose(0, 1)
+
+
+def _position_major(rows, d, scale=1.0):
+    """[Hkv, n, g D] from _rows_of -> scale * rows as [Hkv, n g, D] fp32, contiguous: the g query heads that share
+    a K/V head stacked position by position, so a block of queries is a view of one K/V head's rows."""
+    stacked = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)  # always a copy: scaled in place
+    stacked.copy_(rows)
+    return (stacked.mul_(scale) if scale != 1.0 else stacked).view(rows.shape[0], -1, d)
+
+
 class PackedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spans, scale):
         """q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D] (a view of [B, T, Hq, D] memory)."""
         b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        scale = d ** -0.5 if scale is None else scale
         out = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D] view
-        lse = torch.empty(b, hq, t, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        g = hq // k.shape[1]
+        lse = torch.empty(b, hkv, t * g, 1, dtype=torch.float32, device=q.device)  # log2 units, position-major
 
         def document_forward(unit):  # one document's K/V heads [h0, h1): writes its slices of out and lse
             row, s, e, h0, h1 = unit
-            r, heads, kv_heads = slice(row, row + 1), slice(h0 * g, h1 * g), slice(h0, h1)
-            piece, piece_lse = _forward(q[r, heads, s:e], k[r, kv_heads, s:e], v[r, kv_heads, s:e], 0.0, True,
-                                        scale=scale)
-            out[r, heads, s:e] = piece  # [1, H, n, D]
-            lse[r, heads, s:e] = piece_lse  # [1, H, n]
+            q_rows = _position_major(_rows_of(q, row, s, e, h0, h1, g), d, scale * LOG2_E)  # [Hkv, n g, D]
+            out_rows = _blocked_document_forward(q_rows, k[row, h0:h1, s:e].float(), v[row, h0:h1, s:e].float(),
+                                                 lse[row, h0:h1, s * g:e * g])  # [Hkv, n g, D]
+            _rows_of(out, row, s, e, h0, h1, g).copy_(out_rows.view(h1 - h0, e - s, -1))
 
-        parallel_units(document_forward, _pieces(spans), k.shape[1], q.device)
+        parallel_units(document_forward, _pieces(spans), hkv, q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spans, ctx.scale = spans, scale
         return out
@@ -135,65 +144,99 @@ class PackedCausalAttention(torch.autograd.Function):
         hkv = k.shape[1]
         g = hq // hkv
         dq = torch.empty(b, t, hq, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, Hq, T, D] views
-        dk = torch.empty(b, t, hkv, d, dtype=k.dtype, device=k.device).transpose(1, 2)  # every position is in
-        dv = torch.empty(b, t, hkv, d, dtype=v.dtype, device=v.device).transpose(1, 2)  # one document
+        # dk, dv add up over the blocks: each unit zeroes its own slices (on its worker: in the caller's thread a
+        # layer-wide zeros cost 3 ms, the pages' first touch)
+        dk = torch.empty(b, t, hkv, d, dtype=torch.float32, device=k.device).transpose(1, 2)
+        dv = torch.empty(b, t, hkv, d, dtype=torch.float32, device=v.device).transpose(1, 2)
 
         def document_backward(unit):  # one document's K/V heads [h0, h1): writes its slices of dq, dk, dv
             row, s, e, h0, h1 = unit
-            heads, kv_heads = slice(h0 * g, h1 * g), slice(h0, h1)
-            pieces = (dout[row, heads, s:e], q[row, heads, s:e], k[row, kv_heads, s:e], v[row, kv_heads, s:e],
-                      out[row, heads, s:e], lse[row, heads, s:e])  # [H, n, D] (lse [Hq, n])
-            if e - s > BLOCKED_BACKWARD_MIN_LEN and q.dtype == torch.float32:
-                grads = _blocked_document_backward(*pieces, ctx.scale)
-            else:
-                grads = [grad[0] for grad in _backward(*(p[None] for p in pieces), 0.0, True, scale=ctx.scale)]
-            for full, piece in zip((dq[row, heads], dk[row, kv_heads], dv[row, kv_heads]), grads):
-                full[:, s:e].view(piece.shape).copy_(piece)  # piece [H, n, D], or the blocked dq [Hkv, g, n, D]
+            dk_piece, dv_piece = dk[row, h0:h1, s:e].zero_(), dv[row, h0:h1, s:e].zero_()  # [Hkv, n, D]
+            dout_rows, out_rows = _rows_of(dout, row, s, e, h0, h1, g), _rows_of(out, row, s, e, h0, h1, g)
+            delta = torch.linalg.vecdot(dout_rows.float().unflatten(2, (g, d)),
+                                        out_rows.float().unflatten(2, (g, d)))  # rowsum(dO O) [Hkv, n, g]
+            dq_rows = _blocked_document_backward(
+                _position_major(_rows_of(q, row, s, e, h0, h1, g), d, ctx.scale * LOG2_E),
+                k[row, h0:h1, s:e].float(), v[row, h0:h1, s:e].float(), _position_major(dout_rows, d),
+                lse[row, h0:h1, s * g:e * g], delta.view(h1 - h0, -1, 1), dk_piece, dv_piece, ctx.scale)
+            _rows_of(dq, row, s, e, h0, h1, g).copy_(dq_rows.view(h1 - h0, e - s, -1))
 
-        parallel_units(document_backward, _pieces(ctx.spans), hkv, q.device)
-        return dq, dk, dv, None, None
+        parallel_units(document_backward, _pieces(ctx.spans), hkv, dout.device)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def _blocked_document_backward(dout, q, k, v, out, lse, scale):
-    """One document's causal attention gradients by batched matmuls, QUERY_BLOCK queries at a time.
+_masks: dict[tuple, torch.Tensor] = {}
 
-    dout, q, out [Hq, n, D], k, v [Hkv, n, D], lse [Hq, n] (the forward's log-sum-exp of the scaled scores)
-    -> dq [Hkv, g, n, D] (g = Hq / Hkv), dk, dv [Hkv, n, D]. Query head h reads K/V head h // g (SDPA's GQA), so
-    the g heads of a group are stacked into the rows of one matmul, position-major ([Hkv, n g, D]: a block of
-    queries is a view, not a copy), and dk, dv come out summed over the group.
-    Per block of queries [t0, t1) against keys [0, t1):
-        P  = exp(scale q k^T - lse)  (zero above the diagonal)     dv += P^T do
-        dS = P * (do v^T - rowsum(do * out))                       dq  = scale dS k,  dk += scale dS^T q
-    P is exp2 of log2(e)-scaled logits (torch's CPU exp2 runs at twice the rate of exp), zeroed above the diagonal
-    after the exponential: exp of -inf (or of anything that underflows) takes a slow path, about 7x the normal one.
+
+def _future_masks(m, group, device):
+    """(additive [m, g, m]: 0 on and below the diagonal, -inf above; multiplicative: 1 and 0) for a block of m
+    queries against its own m keys, rows position-major ([query, head in group, key])."""
+    key = (m, group, device)
+    if key not in _masks:
+        visible = torch.ones(m, m, device=device).tril_()[:, None].expand(m, group, m).contiguous()
+        _masks[key] = (torch.zeros_like(visible).masked_fill_(visible == 0, float("-inf")), visible)
+    return _masks[key]
+
+
+def _blocked_document_forward(q, k, v, lse):
+    """One document's causal attention, QUERY_BLOCK queries at a time against the keys up to the block's end.
+
+    q [Hkv, n g, D] (position-major, log2(e)-scaled: q k^T are the scores in log2 units), k, v [Hkv, n, D]
+    -> out [Hkv, n g, D]; writes lse [Hkv, n g, 1] (log2 of the softmax denominator, max included).
+    Future keys exist only in the block's own keys; they get -inf for the max, then -126 before exp2 and 0 after:
+    exp2 of -inf, or of anything that underflows, takes a slow path about 7x the normal one on this CPU. Clamping
+    the block's own keys at 2^-126 changes a probability by at most 1e-38.
     """
-    hkv, n, d = k.shape
-    g = q.shape[0] // hkv
-    scale = d ** -0.5 if scale is None else scale
-
-    def position_major(x):  # [Hkv g, n, ...] -> [Hkv, n g, ...]
-        return x.unflatten(0, (hkv, g)).transpose(1, 2).flatten(1, 2)
-
-    q_rows, dout_rows = position_major(q).contiguous(), position_major(dout).contiguous()  # [Hkv, n g, D]
-    lse_log2 = position_major(lse * LOG2_E)[..., None]  # [Hkv, n g, 1]
-    delta = position_major(torch.linalg.vecdot(dout, out))[..., None]  # rowsum(do * out) [Hkv, n g, 1]
-    k, v = k.contiguous(), v.contiguous()  # [Hkv, n, D]
-    dq = torch.empty_like(q_rows)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    above_diagonal = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool).triu_(1)[:, None]  # [query, 1, key]
+    hkv, n, _ = k.shape
+    g = q.shape[1] // n
+    out = torch.empty_like(q)
     for t0 in range(0, n, QUERY_BLOCK):
         t1 = min(t0 + QUERY_BLOCK, n)
         m, rows = t1 - t0, slice(t0 * g, t1 * g)
+        future_inf, visible = _future_masks(m, g, q.device)
+        scores = torch.bmm(q[:, rows], k[:, :t1].transpose(1, 2))  # [Hkv, m g, t1]
+        own_keys = scores.view(hkv, m, g, t1)[..., t0:]  # [Hkv, m, g, m]
+        own_keys.add_(future_inf)
+        row_max = scores.amax(-1, keepdim=True)  # [Hkv, m g, 1]
+        scores.sub_(row_max)
+        own_keys.clamp_(min=-126.0)
+        probs = scores.exp2_()
+        own_keys.mul_(visible)
+        row_sum = probs.sum(-1, keepdim=True)  # [Hkv, m g, 1]
+        torch.bmm(probs, v[:, :t1], out=out[:, rows]).div_(row_sum)
+        torch.add(row_max, row_sum.log2_(), out=lse[:, rows])
+    return out
+
+
+def _blocked_document_backward(q, k, v, dout, lse, delta, dk, dv, scale):
+    """One document's causal attention gradients by batched matmuls, QUERY_BLOCK queries at a time.
+
+    q, dout [Hkv, n g, D] (position-major; q log2(e)-scaled as in the forward), k, v [Hkv, n, D], lse and
+    delta = rowsum(dout * out) [Hkv, n g, 1] -> dq [Hkv, n g, D]; adds into dk, dv [Hkv, n, D] (any row stride).
+    With q = log2(e) scale q' (q' the caller's queries) the scores are z = scale q' k^T = ln(2) q k^T, so per block
+    of queries [t0, t1) against keys [0, t1):
+        P  = exp2(q k^T - lse)  (zero above the diagonal)          dv += P^T do
+        dS = P * (do v^T - delta)                                  dq  = scale dS k,  dk += ln(2) dS^T q
+    The future keys' logits are zeroed before exp2 (they could overflow) and their probabilities after.
+    """
+    hkv, n, d = k.shape
+    g = q.shape[1] // n
+    dq = torch.empty_like(q)
+    for t0 in range(0, n, QUERY_BLOCK):
+        t1 = min(t0 + QUERY_BLOCK, n)
+        m, rows = t1 - t0, slice(t0 * g, t1 * g)
+        _, visible = _future_masks(m, g, q.device)
         keys, values = k[:, :t1], v[:, :t1]  # [Hkv, t1, D]
-        probs = torch.baddbmm(lse_log2[:, rows], q_rows[:, rows], keys.transpose(1, 2), beta=-1,
-                              alpha=scale * LOG2_E).exp2_()  # [Hkv, m g, t1]
-        probs.view(hkv, m, g, t1)[..., t0:].masked_fill_(above_diagonal[:m, :, :m], 0.0)
-        dv[:, :t1].baddbmm_(probs.transpose(1, 2), dout_rows[:, rows])
-        dscores = torch.baddbmm(delta[:, rows], dout_rows[:, rows], values.transpose(1, 2), beta=-1).mul_(probs)
-        dq[:, rows] = torch.bmm(dscores, keys)  # [Hkv, m g, D]
-        dk[:, :t1].baddbmm_(dscores.transpose(1, 2), q_rows[:, rows])
-    dq = dq.mul_(scale).view(hkv, n, g, d).transpose(1, 2)  # [Hkv, g, n, D]
-    return dq, dk.mul_(scale), dv
+        logits = torch.bmm(q[:, rows], keys.transpose(1, 2)).sub_(lse[:, rows])  # [Hkv, m g, t1]
+        own_keys = logits.view(hkv, m, g, t1)[..., t0:]
+        own_keys.mul_(visible)
+        probs = logits.exp2_()
+        own_keys.mul_(visible)
+        dv[:, :t1].baddbmm_(probs.transpose(1, 2), dout[:, rows])
+        dscores = torch.bmm(dout[:, rows], values.transpose(1, 2)).sub_(delta[:, rows]).mul_(probs)
+        torch.bmm(dscores, keys, out=dq[:, rows])
+        dk[:, :t1].baddbmm_(dscores.transpose(1, 2), q[:, rows], alpha=1 / LOG2_E)
+    return dq.mul_(scale)
 
 
 def packed_causal_attention(q, k, v, spans, scale=None):

@@ -45,7 +45,7 @@ def attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, scale
     if causal and segment_ids is not None and q.shape[2] == k.shape[2] and not window_binds:
         from . import cpu_attention
         spans = cpu_attention.document_spans(segment_ids)
-        if spans is not None:  # packed rows: one node, torch's flash kernel per document (kernels/cpu_attention.py)
+        if spans is not None:  # packed rows: one node, a blocked loop per document (kernels/cpu_attention.py)
             return cpu_attention.packed_causal_attention(q, k, v, spans, scale)
     return op.attention_torch(q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
                               scale=scale)

@@ -38,10 +38,12 @@ def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d):
     (q, k, v), segment_ids = packed_inputs(b, t, hq, hkv, d, generator)
     spans = cpu_attention.document_spans(segment_ids)
     assert sum(len(row) for row in spans) > b, "the inputs should pack several documents"
+    inputs = [a.detach().clone() for a in (q, k, v)]
     with poisoned_allocations():
         out = cpu_attention.packed_causal_attention(q, k, v, spans)
         grad_out = torch.randn(out.shape, generator=generator)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert all(torch.equal(a, before) for a, before in zip((q, k, v), inputs)), "the inputs were written to"
     q64, k64, v64 = [a.detach().double().requires_grad_() for a in (q, k, v)]
     expected = reference(q64, k64, v64, segment_ids)
     expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
@@ -50,39 +52,46 @@ def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d):
         assert_close64(grad, expected_grad, torch.float32, f"d{name}")
 
 
-@pytest.mark.parametrize("min_len,query_block,t,logit_scale", [(8, 8, 45, 1.0), (None, None, 700, 1.0),
-                                                               (8, 8, 45, 30.0)])
-def test_blocked_backward_of_long_documents_matches_float64_reference(min_len, query_block, t, logit_scale,
-                                                                     monkeypatch):
-    """Documents above BLOCKED_BACKWARD_MIN_LEN take the blocked-matmul backward: small blocks with a ragged last
-    one, the real constants on a 700-token row (its longest documents exceed the threshold), and logits so large
-    that the masked future keys' exponentials overflow to inf before they are zeroed."""
-    if min_len is not None:
-        monkeypatch.setattr(cpu_attention, "BLOCKED_BACKWARD_MIN_LEN", min_len)
+@pytest.mark.parametrize("query_block,t,logit_scale", [(8, 45, 1.0), (None, 700, 1.0), (8, 45, 30.0)])
+def test_blocked_loop_on_long_documents_matches_float64_reference(query_block, t, logit_scale, monkeypatch):
+    """Documents longer than a block of queries: small blocks with a ragged last one, the real block on a
+    700-token row, and logits so large that the masked future keys' exponentials would overflow to inf."""
+    if query_block is not None:
         monkeypatch.setattr(cpu_attention, "QUERY_BLOCK", query_block)
     generator = torch.Generator().manual_seed(t)
     (q, k, v), _ = packed_inputs(2, t, 6, 2, 16, generator)
     q = (q.detach() * logit_scale).requires_grad_()
     cut = torch.randint(1, t - 1, (2,), generator=generator)
-    segment_ids = (torch.arange(t)[None, :] >= cut[:, None]).long()  # two documents per row, one may be long
+    segment_ids = (torch.arange(t)[None, :] >= cut[:, None]).long()  # two documents per row
     spans = cpu_attention.document_spans(segment_ids)
-    calls = {"blocked query heads": 0}  # a document may be cut into its K/V heads across the workers
-    real = cpu_attention._blocked_document_backward
-
-    def counted(*args):
-        calls["blocked query heads"] += args[1].shape[0]
-        return real(*args)
-    monkeypatch.setattr(cpu_attention, "_blocked_document_backward", counted)
+    assert max(e - s for row in spans for s, e in row) > 2 * cpu_attention.QUERY_BLOCK
     out = cpu_attention.packed_causal_attention(q, k, v, spans)
     grad_out = torch.randn(out.shape, generator=generator)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    expected_calls = sum(e - s > cpu_attention.BLOCKED_BACKWARD_MIN_LEN for row in spans for s, e in row)
-    assert calls["blocked query heads"] == expected_calls * 6 > 0
     q64, k64, v64 = [a.detach().double().requires_grad_() for a in (q, k, v)]
     expected = reference(q64, k64, v64, segment_ids)
     expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+    assert_close64(out, expected, torch.float32, "out")
     for name, grad, expected_grad in zip("qkv", grads, expected_grads):
         assert_close64(grad, expected_grad, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_compute_in_fp32(dtype):
+    """16-bit q, k, v: outputs and gradients in their dtype, within its rounding of the float64 reference."""
+    generator = torch.Generator().manual_seed(3)
+    (q, k, v), segment_ids = packed_inputs(2, 150, 4, 2, 32, generator)
+    q, k, v = [a.detach().to(dtype).requires_grad_() for a in (q, k, v)]
+    out = cpu_attention.packed_causal_attention(q, k, v, cpu_attention.document_spans(segment_ids))
+    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = [a.detach().double().requires_grad_() for a in (q, k, v)]
+    expected = reference(q64, k64, v64, segment_ids)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+    assert out.dtype == dtype and all(grad.dtype == dtype for grad in grads)
+    assert_close64(out, expected, dtype, "out")
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads):
+        assert_close64(grad, expected_grad, dtype, f"d{name}")
 
 
 def test_document_spans():

@@ -52,3 +52,40 @@ def test_forward_allocations_are_mmapped_and_the_heap_threshold_comes_back():
     assert no_grad == "False"  # evaluation forwards keep nothing: no policy
     assert after == "False"  # the heap threshold is back after the forward (the heap serves it)
     assert disabled == "False"
+
+
+TRIM = r'''
+import ctypes, resource, sys
+from hippocrates.engine import host_memory
+host_memory._MALLOPT(host_memory.M_MMAP_THRESHOLD, host_memory.HEAP_MMAP_BYTES)  # both runs: from the heap
+if sys.argv[1] == "keep":
+    host_memory.keep_freed_memory("cpu")
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def faults_of_a_fresh_block(nbytes=20 << 20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(nbytes)
+    ctypes.memset(block, 1, nbytes)
+    libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(*[faults_of_a_fresh_block() for _ in range(4)])
+'''
+
+
+def test_keep_freed_memory_stops_the_heap_giving_pages_back():
+    """By default a freed block at the top of the heap goes back to the OS and the next one faults its pages in
+    again; after keep_freed_memory the heap reuses them."""
+    if host_memory._MALLOPT is None:
+        host_memory.keep_freed_memory("cpu")  # not glibc: a plain no-op
+        return
+    pages = (20 << 20) // 4096
+    faults = {}
+    for policy in ("default", "keep"):
+        done = subprocess.run([sys.executable, "-c", TRIM, policy], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        faults[policy] = [int(count) for count in done.stdout.split()]
+    assert min(faults["default"][1:]) > pages // 2, faults  # every block faults in afresh
+    assert max(faults["keep"][1:]) < pages // 20, faults  # the heap's pages are reused
