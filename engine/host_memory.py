@@ -48,8 +48,8 @@ def keep_freed_memory(device) -> None:
     default policy: 130,000-200,000 page faults and 0.4-0.6 s of system time per step (the attention workers' heaps
     shrink and grow each layer); with this one, under 6,000 and 0.02-0.1 s. The mmap threshold is fixed at
     HEAP_MMAP_BYTES (glibc would otherwise move it). The price is in the peak: the benchmark's stayed at 3.00 GB,
-    the 2-rank main job's rose from 2.27 to 2.72 GB per rank (probably the heap fragmenting under blocks that a
-    moving threshold would have mmapped)."""
+    the 2-rank main job's was 2.72 GB per rank against 2.27 without it, one run each (probably the heap fragmenting
+    under blocks that a moving threshold would have mmapped), though a later run of the same code peaked at 2.02."""
     if _MALLOPT is None or torch.device(device).type != "cpu":
         return
     _MALLOPT(M_TRIM_THRESHOLD, NEVER_TRIM)
