@@ -5,7 +5,7 @@ import pytest
 import torch
 
 # Largest allowed max|actual - expected| / max|expected| against a float64 reference, per dtype of the inputs.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def dtypes_to_test():

@@ -76,9 +76,10 @@ def test_blocked_loop_on_long_documents_matches_float64_reference(query_block, t
         assert_close64(grad, expected_grad, torch.float32, f"d{name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_inputs_compute_in_fp32(dtype):
-    """16-bit q, k, v: outputs and gradients in their dtype, within its rounding of the float64 reference."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes(dtype):
+    """16-bit q, k, v (computed in fp32) and fp64 ones (computed in fp64): outputs and gradients in their dtype,
+    within its rounding of the float64 reference."""
     generator = torch.Generator().manual_seed(3)
     (q, k, v), segment_ids = packed_inputs(2, 150, 4, 2, 32, generator)
     q, k, v = [a.detach().to(dtype).requires_grad_() for a in (q, k, v)]
