@@ -12,8 +12,8 @@ the output and the log-sum-exp: never T x T probabilities. 16-bit inputs compute
 Measured on this machine (Hq=9, Hkv=3, D=64, fp32, one thread, one 512-token document): the forward takes
 6.4-7.5 ms against 9.3 for torch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, which
 this file called before), the backward's loop 13.6-14.0 ms against 16.3-17.3 for the blocked backward it
-replaces. In a training step of the benchmark workload (4 rows of 1-3 documents, 2 threads) the forward takes
-25.3 ms per layer instead of 27.2, the backward about the same (42 ms). Blocks of 64 queries beat 128 (the
+replaces. In profiled training steps of the benchmark workload (4 rows of 1-3 documents, 2 threads; 3-4 steps
+each way on a noisy machine) the forward takes 24.4 ms per layer instead of 26.3, the backward 41 ms either way. Blocks of 64 queries beat 128 (the
 block's probabilities outgrow the L2). Documents run in parallel, each on one single-threaded worker
 (`parallel_units`), in the forward and the backward.
 """
