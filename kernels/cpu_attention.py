@@ -7,15 +7,15 @@ document, on [B, T, H, D] views of the projections' outputs, through a blocked l
 QUERY_BLOCK queries at a time against the keys up to the block's end, the g query heads that share a K/V head
 stacked position-major into one matmul ([Hkv, n g, D]: a block of queries is a view, GQA without repeating K/V),
 the exponentials as exp2 of log2(e)-scaled scores (torch's CPU exp2 runs at twice the rate of exp). It keeps q, k, v,
-the output and the log-sum-exp: never T x T probabilities. 16-bit inputs compute in fp32.
+the output and the log-sum-exp: never T x T probabilities. 16-bit inputs compute in fp32, fp64 in fp64.
 
 Measured on this machine (Hq=9, Hkv=3, D=64, fp32, one thread, one 512-token document): the forward takes
 6.4-7.5 ms against 9.3 for torch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, which
 this file called before), the backward's loop 13.6-14.0 ms against 16.3-17.3 for the blocked backward it
 replaces. In profiled training steps of the benchmark workload (4 rows of 1-3 documents, 2 threads; 3-4 steps
-each way on a noisy machine) the forward takes 24.4 ms per layer instead of 26.3, the backward 41 ms either way. Blocks of 64 queries beat 128 (the
-block's probabilities outgrow the L2). Documents run in parallel, each on one single-threaded worker
-(`parallel_units`), in the forward and the backward.
+each way on a noisy machine) the forward takes 24.4 ms per layer instead of 26.3, the backward 41 ms either
+way. Blocks of 64 queries beat 128 (the block's probabilities outgrow the L2). Documents run in parallel, each on
+one single-threaded worker (`parallel_units`), in the forward and the backward.
 """
 from __future__ import annotations
 
