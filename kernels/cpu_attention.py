@@ -78,7 +78,7 @@ def parallel_units(fn, pieces, kv_heads: int, device) -> None:
     Torch's intra-op threads split each small op of the blocked backward (a 64-query block's matmuls and
     exponentials) between the cores and wait for one another after each: on 2 cores that gains 1.3x over one
     thread, where a document per single-threaded worker gains 1.8x (4 x 512-token documents: 34 ms instead of 42).
-    Torch's forward kernel gains less (a layer of 4 rows of 1-3 documents: 14.7 ms instead of 16.0). The longest
+    The longest
     documents go first (a worker takes the next one when it is free), and a document with more than a worker's
     share of the work is cut into its K/V heads, which are independent. Units write disjoint slices."""
     workers = torch.get_num_threads()
@@ -172,17 +172,21 @@ class PackedCausalAttention(torch.autograd.Function):
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-_masks: dict[tuple, torch.Tensor] = {}
+_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _future_masks(m, group, device):
-    """(additive [m, g, m]: 0 on and below the diagonal, -inf above; multiplicative: 1 and 0) for a block of m
-    queries against its own m keys, rows position-major ([query, head in group, key])."""
-    key = (m, group, device)
-    if key not in _masks:
-        visible = torch.ones(m, m, device=device).tril_()[:, None].expand(m, group, m).contiguous()
-        _masks[key] = (torch.zeros_like(visible).masked_fill_(visible == 0, float("-inf")), visible)
-    return _masks[key]
+def _query_blocks(n, group, device):
+    """Per block of QUERY_BLOCK queries [t0, t1) of an n-token document: (t0, t1, its rows of a position-major
+    [Hkv, n g, ...] tensor, and its masks against its own keys [m, g, m], position-major ([query, head in group,
+    key]): additive (0 on and below the diagonal, -inf above) and multiplicative (1 and 0))."""
+    for t0 in range(0, n, QUERY_BLOCK):
+        t1 = min(t0 + QUERY_BLOCK, n)
+        m = t1 - t0
+        key = (m, group, device)
+        if key not in _masks:
+            visible = torch.ones(m, m, device=device).tril_()[:, None].expand(m, group, m).contiguous()
+            _masks[key] = (torch.zeros_like(visible).masked_fill_(visible == 0, float("-inf")), visible)
+        yield t0, t1, slice(t0 * group, t1 * group), *_masks[key]
 
 
 def _blocked_document_forward(q, k, v, lse):
@@ -197,12 +201,9 @@ def _blocked_document_forward(q, k, v, lse):
     hkv, n, _ = k.shape
     g = q.shape[1] // n
     out = torch.empty_like(q)
-    for t0 in range(0, n, QUERY_BLOCK):
-        t1 = min(t0 + QUERY_BLOCK, n)
-        m, rows = t1 - t0, slice(t0 * g, t1 * g)
-        future_inf, visible = _future_masks(m, g, q.device)
+    for t0, t1, rows, future_inf, visible in _query_blocks(n, g, q.device):
         scores = torch.bmm(q[:, rows], k[:, :t1].transpose(1, 2))  # [Hkv, m g, t1]
-        own_keys = scores.view(hkv, m, g, t1)[..., t0:]  # [Hkv, m, g, m]
+        own_keys = scores.view(hkv, t1 - t0, g, t1)[..., t0:]  # [Hkv, m, g, m]
         own_keys.add_(future_inf)
         row_max = scores.amax(-1, keepdim=True)  # [Hkv, m g, 1]
         scores.sub_(row_max)
@@ -229,13 +230,10 @@ def _blocked_document_backward(q, k, v, dout, lse, delta, dk, dv, scale):
     hkv, n, d = k.shape
     g = q.shape[1] // n
     dq = torch.empty_like(q)
-    for t0 in range(0, n, QUERY_BLOCK):
-        t1 = min(t0 + QUERY_BLOCK, n)
-        m, rows = t1 - t0, slice(t0 * g, t1 * g)
-        _, visible = _future_masks(m, g, q.device)
+    for t0, t1, rows, _, visible in _query_blocks(n, g, q.device):
         keys, values = k[:, :t1], v[:, :t1]  # [Hkv, t1, D]
         logits = torch.bmm(q[:, rows], keys.transpose(1, 2)).sub_(lse[:, rows])  # [Hkv, m g, t1]
-        own_keys = logits.view(hkv, m, g, t1)[..., t0:]
+        own_keys = logits.view(hkv, t1 - t0, g, t1)[..., t0:]
         own_keys.mul_(visible)
         probs = logits.exp2_()
         own_keys.mul_(visible)
