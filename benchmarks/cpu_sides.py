@@ -96,7 +96,7 @@ def _references_as_torch_paths(active: bool):
     """
     from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
     names = [(rmsnorm, "rms_norm"), (activation, "swiglu"), (rope, "apply_rope"), (lora, "lora_linear"),
-             (flash_attention, "attention"), (cross_entropy, "fused_linear_cross_entropy")]
+             (lora, "lora_linears"), (flash_attention, "attention"), (cross_entropy, "fused_linear_cross_entropy")]
     saved = {(module, name): getattr(module, f"{name}_torch") for module, name in names}
     if active:
         for module, name in names:

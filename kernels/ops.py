@@ -61,6 +61,17 @@ def lora_linear(x, weight, lora_a, lora_b, scale):
     return fn(x, weight, lora_a, lora_b, scale)
 
 
+def lora_linears(x, projections, scales):
+    """Several LoRA linears of one input: x [..., in], projections [(weight [out_i, in], lora_a [r_i, in],
+    lora_b [out_i, r_i])], scales [s_i] -> the tuple of x W_i^T + s_i (x A_i^T) B_i^T. The torch side stacks the
+    A factors (one thin matmul instead of one per projection); the Triton side runs the fused kernel per
+    projection."""
+    from . import lora as op
+    if use_triton(x, cuda_default=False):
+        return tuple(op.lora_linear_triton(x, *projection, scale) for projection, scale in zip(projections, scales))
+    return op.lora_linears_torch(x, projections, scales)
+
+
 def apply_rope(q, k, cos, sin):
     """q [B, Hq, T, D], k [B, Hkv, T, D], cos/sin [B, T, D] (rotate-half convention) -> (q, k) rotated."""
     from . import rope as op

@@ -56,6 +56,39 @@ def test_torch_side_matches_reference_and_saves_only_x_and_xa():
     assert kept == 4 * 33 * 8 * 4  # xa = x A^T only
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weight_grad,x_grad", [(False, True), (True, True), (False, False)])
+def test_linears_sharing_an_input_match_float64(dtype, weight_grad, x_grad, poisoned):
+    """q/k/v-like projections of one x through the torch side's stacked-A op: outputs and every gradient."""
+    x = torch.randn(3, 21, 48, dtype=dtype, requires_grad=x_grad)
+    projections = [make_inputs((1,), 48, n, r, dtype, weight_grad=weight_grad)[1:] for n, r in [(40, 4), (24, 7),
+                                                                                                 (24, 1)]]
+    scales = [2.0, 0.5, 3.0]
+    outputs = lora.lora_linears_torch(x, projections, scales)
+    leaves = [t for t in [x, *(t for projection in projections for t in projection)] if t.requires_grad]
+    dys = [torch.randn_like(y) for y in outputs]
+    grads = torch.autograd.grad(outputs, leaves, dys)
+    x64, *flat64 = as_float64_leaves(x, *(t for projection in projections for t in projection))
+    outputs64 = lora.lora_linears_reference(x64, [flat64[i:i + 3] for i in range(0, len(flat64), 3)], scales)
+    grads64 = torch.autograd.grad(outputs64, [t for t in [x64, *flat64] if t.requires_grad],
+                                  [dy.double() for dy in dys])
+    for i, (y, y64) in enumerate(zip(outputs, outputs64)):
+        assert_close64(y, y64, dtype, f"y{i}")
+    assert len(grads) == len(grads64) == len(leaves)
+    for i, (ours, expected) in enumerate(zip(grads, grads64)):
+        assert_close64(ours, expected, dtype, f"gradient {i}")
+
+
+def test_linears_sharing_an_input_save_x_and_one_stacked_xa():
+    x = torch.randn(4, 33, 96, requires_grad=True)
+    projections = [make_inputs((1,), 96, n, r, torch.float32)[1:] for n, r in [(80, 8), (32, 8), (32, 4)]]
+    flat = [t for projection in projections for t in projection]
+    kept, outputs = saved_bytes(lora.lora_linears_torch, x, projections, [2.0, 2.0, 1.0], exclude=[x, *flat])
+    for y, expected in zip(outputs, lora.lora_linears_reference(x, projections, [2.0, 2.0, 1.0])):
+        torch.testing.assert_close(y, expected)
+    assert kept == 4 * 33 * (8 + 8 + 4) * 4  # xa = x [A_1; A_2; A_3]^T only
+
+
 @pytest.mark.parametrize("side", SIDES)
 def test_mismatched_shapes_are_a_clear_error(side):
     x, weight, lora_a, lora_b = make_inputs((2,), 16, 8, 4, torch.float32)

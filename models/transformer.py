@@ -50,6 +50,14 @@ class Linear(nn.Module):
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, lora_rank={rank}"
 
 
+def project(x, *linears: Linear) -> tuple:
+    """x through Linears that share it (q/k/v, gate/up): one op with the adapters' A factors stacked when every
+    one carries an active adapter without dropout (kernels/lora.py), else each Linear on its own."""
+    if all(m.lora_a is not None and m.lora_enabled and not (m.lora_dropout and m.training) for m in linears):
+        return ops.lora_linears(x, [(m.weight, m.lora_a, m.lora_b) for m in linears], [m.lora_scale for m in linears])
+    return tuple(m(x) for m in linears)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -130,9 +138,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, segment_ids=None, kv_cache: KVCache | None = None, layer_idx: int = 0):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q, k = ops.apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # [B, Hkv, T_past + T, D]
@@ -149,7 +158,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)  # [B, T, intermediate]
+        gate, up = project(x, self.gate_proj, self.up_proj)  # [B, T, intermediate]
         out = scratch_output("swiglu", gate.shape, gate.dtype, gate.device)  # None unless rebuilt (CPU)
         hidden = rebuild_in_backward(ops.swiglu(gate, up, out=out), ops.swiglu, gate, up)  # down_proj keeps no copy
         return self.down_proj(hidden)
