@@ -72,7 +72,7 @@ STEP_LAYERS = 4
 
 def _model_step_case(side):
     """A LoRA training step (loss through the fused LM head) of SmolLM2-135M cut to STEP_LAYERS layers."""
-    import kernels
+    from hippocrates.kernels import ops
     from hippocrates.models.config import PRESETS
     from hippocrates.models.lora import LoraConfig, add_lora
     from hippocrates.models.transformer import Transformer
@@ -83,14 +83,15 @@ def _model_step_case(side):
     def loss_fn(ids):
         with _references_as_torch_paths(side == "reference"):
             hidden = model(ids, return_hidden=True)  # [B, T, H]
-            return kernels.fused_linear_cross_entropy(hidden[:, :-1], model.output_weight, ids[:, 1:])
+            return ops.fused_linear_cross_entropy(hidden[:, :-1], model.output_weight, ids[:, 1:])
 
     return [input_ids], loss_fn, list(model.parameters())
 
 
 @contextlib.contextmanager
 def _references_as_torch_paths(active: bool):
-    """Inside: every op's `*_torch` is its plain `*_reference` (the dispatch looks the name up at each call).
+    """Inside: every op's `*_torch` is its plain `*_reference` (the dispatch looks the name up at each call), which
+    takes and ignores the torch side's buffer arguments (`out`, `shared_silu`).
 
     Autograd keeps the functions it recorded, so the backward after the block still runs the reference's graph.
     """
@@ -100,7 +101,9 @@ def _references_as_torch_paths(active: bool):
     saved = {(module, name): getattr(module, f"{name}_torch") for module, name in names}
     if active:
         for module, name in names:
-            setattr(module, f"{name}_torch", getattr(module, f"{name}_reference"))
+            reference = getattr(module, f"{name}_reference")
+            setattr(module, f"{name}_torch", lambda *args, _reference=reference, out=None, shared_silu=None, **kwargs:
+                    _reference(*args, **kwargs))
     try:
         yield
     finally:

@@ -75,12 +75,30 @@ def swiglu_triton(gate, up):
     return SwiGLUTriton.apply(gate, up)
 
 
+class SharedSilu:
+    """The recipe that rebuilds silu(gate) * up in the backward (kernels/rebuild.py: the next linear saves it) and
+    keeps silu(gate) for SwiGLU's own backward, which runs right after and needs it for d_up: one silu pass over
+    [tokens, intermediate] less per layer. Lives in that backward's graph, so nothing stale outlives it."""
+
+    def __init__(self):
+        self.silu = None
+
+    def rebuild(self, gate, up):
+        self.silu = F.silu(gate)
+        return self.silu * up  # the forward's values: silu rounded, then the product
+
+    def take(self):
+        silu, self.silu = self.silu, None
+        return silu
+
+
 class SwiGLUTorch(torch.autograd.Function):
     """The reference's exact forward and backward; keeps gate and up only (the reference also keeps silu(gate))."""
 
     @staticmethod
-    def forward(ctx, gate, up, out):
+    def forward(ctx, gate, up, out, shared_silu):
         ctx.save_for_backward(gate, up)
+        ctx.shared_silu = shared_silu
         if out is None:
             return F.silu(gate).mul_(up)
         return torch.ops.aten.silu.out(gate, out=out).mul_(up)
@@ -88,16 +106,18 @@ class SwiGLUTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
+        silu = ctx.shared_silu.take() if ctx.shared_silu is not None else None
         dgate = dup = None
         if ctx.needs_input_grad[1]:
-            dup = F.silu(gate).mul_(dy)
+            dup = (F.silu(gate) if silu is None else silu).mul_(dy)
         if ctx.needs_input_grad[0]:
             dgate = torch.mul(dy, up)
             torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)  # in place: one buffer per grad
-        return dgate, dup, None
+        return dgate, dup, None, None
 
 
-def swiglu_torch(gate, up, out=None):
-    """out: an optional buffer of gate's shape and dtype to write the result into (kernels/rebuild.py)."""
+def swiglu_torch(gate, up, out=None, shared_silu=None):
+    """out: an optional buffer of gate's shape and dtype to write the result into (kernels/rebuild.py);
+    shared_silu: the SharedSilu whose `rebuild` recipe rebuilds this output in the backward."""
     _check(gate, up)
-    return SwiGLUTorch.apply(gate, up, out)
+    return SwiGLUTorch.apply(gate, up, out, shared_silu)

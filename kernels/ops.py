@@ -78,12 +78,18 @@ def apply_rope(q, k, cos, sin):
     return (op.apply_rope_triton if use_triton(q) else op.apply_rope_torch)(q, k, cos, sin)
 
 
-def swiglu(gate, up, out=None):
-    """silu(gate) * up, elementwise. out: as for rms_norm."""
+def swiglu(gate, up, out=None, rebuild=False):
+    """silu(gate) * up, elementwise. out: as for rms_norm. rebuild: mark the output to be rebuilt in the backward
+    instead of kept by the op that saves it (kernels/rebuild.py); on the torch side SwiGLU's own backward then
+    reuses the rebuild's silu(gate)."""
     from . import activation as op
+    from .rebuild import rebuild_in_backward
     if use_triton(gate):
-        return op.swiglu_triton(gate, up)
-    return op.swiglu_torch(gate, up, out=out)
+        hidden = op.swiglu_triton(gate, up)
+        return rebuild_in_backward(hidden, op.swiglu_triton, gate, up) if rebuild else hidden
+    shared = op.SharedSilu() if rebuild else None
+    hidden = op.swiglu_torch(gate, up, out=out, shared_silu=shared)
+    return rebuild_in_backward(hidden, shared.rebuild, gate, up) if rebuild else hidden
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", chunk_size=None):

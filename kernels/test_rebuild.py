@@ -5,7 +5,7 @@ import weakref
 import pytest
 import torch
 
-from hippocrates.kernels import rebuild
+from hippocrates.kernels import activation, rebuild
 from hippocrates.kernels.test_model_step import TINY, build, step
 
 
@@ -51,6 +51,17 @@ def test_rebuilt_activations_give_bitwise_equal_gradients(side, packed, monkeypa
     for name, expected in grads_kept.items():
         assert expected.abs().max() > 0, f"{name}: zero gradient, the check would be vacuous"
         assert torch.equal(grads_rebuilt[name], expected), f"{name}: gradients differ"
+
+
+def test_swiglu_backward_reuses_the_rebuilt_silu(monkeypatch):
+    """Bitwise equality with the kept path is the test above; here: each layer's SwiGLU backward got the rebuild's
+    silu(gate) instead of computing it again."""
+    monkeypatch.setenv("HIPPO_KERNELS", "torch")
+    taken = []
+    real = activation.SharedSilu.take
+    monkeypatch.setattr(activation.SharedSilu, "take", lambda self: taken.append(real(self)) or taken[-1])
+    step(build(TINY, 4), *inputs(False))
+    assert len(taken) == TINY.num_layers and all(silu is not None for silu in taken)
 
 
 @pytest.mark.parametrize("enabled", [False, True])

@@ -160,7 +160,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate, up = project(x, self.gate_proj, self.up_proj)  # [B, T, intermediate]
         out = scratch_output("swiglu", gate.shape, gate.dtype, gate.device)  # None unless rebuilt (CPU)
-        hidden = rebuild_in_backward(ops.swiglu(gate, up, out=out), ops.swiglu, gate, up)  # down_proj keeps no copy
+        hidden = ops.swiglu(gate, up, out=out, rebuild=True)  # rebuilt in the backward: down_proj keeps no copy
         return self.down_proj(hidden)
 
 
