@@ -88,6 +88,13 @@ def _model_step_case(side):
     return [input_ids], loss_fn, list(model.parameters())
 
 
+def torch_sides():
+    """(module, name) of every op whose torch side `name`_torch has a `name`_reference."""
+    from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
+    return [(rmsnorm, "rms_norm"), (activation, "swiglu"), (rope, "apply_rope"), (lora, "lora_linear"),
+            (lora, "lora_linears"), (flash_attention, "attention"), (cross_entropy, "fused_linear_cross_entropy")]
+
+
 @contextlib.contextmanager
 def _references_as_torch_paths(active: bool):
     """Inside: every op's `*_torch` is its plain `*_reference` (the dispatch looks the name up at each call), which
@@ -95,9 +102,7 @@ def _references_as_torch_paths(active: bool):
 
     Autograd keeps the functions it recorded, so the backward after the block still runs the reference's graph.
     """
-    from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
-    names = [(rmsnorm, "rms_norm"), (activation, "swiglu"), (rope, "apply_rope"), (lora, "lora_linear"),
-             (lora, "lora_linears"), (flash_attention, "attention"), (cross_entropy, "fused_linear_cross_entropy")]
+    names = torch_sides()
     saved = {(module, name): getattr(module, f"{name}_torch") for module, name in names}
     if active:
         for module, name in names:

@@ -15,7 +15,7 @@ program recomputes dy B for its rows (R / BK extra FLOPs). When x needs no gradi
 embedding) there is no dy W to fuse with, and dA, dB are three thin torch matmuls; an unfrozen W's dW is a torch
 matmul too.
 
-On CUDA, `ops.lora_linear` takes the torch side by default (two cuBLAS matmuls and an in-place addmm_): without a
+On CUDA, `ops.lora_linear(s)` takes the torch side by default (cuBLAS matmuls and an in-place addmm_): without a
 GPU measurement showing this kernel faster at real shapes and ranks 8-128, cuBLAS is the safer bet (this kernel
 has no grouped tile order and recomputes x A^T per N block). HIPPO_KERNELS=triton selects it.
 """
@@ -230,8 +230,7 @@ class LoRALinearsTorch(torch.autograd.Function):
         offsets = [0]
         for lora_a in lora_as:
             offsets.append(offsets[-1] + lora_a.shape[0])
-        stacked_a = torch.cat(lora_as) if len(lora_as) > 1 else lora_as[0]  # [R, K], R = sum r_i
-        xa = x.reshape(-1, x.shape[-1]) @ stacked_a.T  # [M, R]
+        xa = x.reshape(-1, x.shape[-1]) @ _stacked(lora_as).T  # [M, R], R = sum r_i
         outputs = []
         for weight, lora_b, scale, r0, r1 in zip(weights, lora_bs, scales, offsets, offsets[1:]):
             y = x @ weight.T  # [..., N_i]
@@ -259,7 +258,7 @@ class LoRALinearsTorch(torch.autograd.Function):
         if need_dx:
             for dy, weight in zip(dys, weights):
                 dx = dy @ weight if dx is None else dx.addmm_(dy, weight)  # [M, K]
-            dx = dx.addmm_(dxa, torch.cat(lora_as) if len(lora_as) > 1 else lora_as[0]).view(x.shape)
+            dx = dx.addmm_(dxa, _stacked(lora_as)).view(x.shape)
         # x^T dxa then transposed: 1.3x the rate of dxa^T x at these shapes (a 16-row output is MKL's slow case)
         da = (x2.T @ dxa).T.contiguous() if any(need_da) else None  # [R, K]
         grads = [dx, None]
@@ -268,6 +267,11 @@ class LoRALinearsTorch(torch.autograd.Function):
                       da[r0:r1] if need_da[i] else None,
                       (dy.T @ xa[:, r0:r1]).mul_(ctx.scales[i]) if need_db[i] else None]  # [N_i, r_i]
         return tuple(grads)
+
+
+def _stacked(lora_as):
+    """[sum r_i, K]: the A factors one under another (a copy only when there are several)."""
+    return torch.cat(lora_as) if len(lora_as) > 1 else lora_as[0]
 
 
 def lora_linears_torch(x, projections, scales):

@@ -3,11 +3,7 @@ import pytest
 import torch
 
 from hippocrates.benchmarks import cpu_sides
-from hippocrates.kernels import activation, cross_entropy, flash_attention, lora, rmsnorm, rope
 from hippocrates.kernels.test_model_step import TINY, build, step
-
-TORCH_SIDES = [(rmsnorm, "rms_norm"), (activation, "swiglu"), (rope, "apply_rope"), (lora, "lora_linear"),
-               (lora, "lora_linears"), (flash_attention, "attention"), (cross_entropy, "fused_linear_cross_entropy")]
 
 
 def test_reference_side_runs_no_torch_side_and_matches_it(monkeypatch):
@@ -18,7 +14,7 @@ def test_reference_side_runs_no_torch_side_and_matches_it(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("a torch side ran inside the reference side")
-    for module, name in TORCH_SIDES:
+    for module, name in cpu_sides.torch_sides():
         monkeypatch.setattr(module, f"{name}_torch", refuse)
     with cpu_sides._references_as_torch_paths(True):
         loss_reference, grads_reference = step(model, input_ids, None)
