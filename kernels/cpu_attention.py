@@ -78,9 +78,8 @@ def parallel_units(fn, pieces, kv_heads: int, device) -> None:
     Torch's intra-op threads split each small op of the blocked backward (a 64-query block's matmuls and
     exponentials) between the cores and wait for one another after each: on 2 cores that gains 1.3x over one
     thread, where a document per single-threaded worker gains 1.8x (4 x 512-token documents: 34 ms instead of 42).
-    The longest
-    documents go first (a worker takes the next one when it is free), and a document with more than a worker's
-    share of the work is cut into its K/V heads, which are independent. Units write disjoint slices."""
+    The longest documents go first (a worker takes the next one when it is free), and a document with more than a
+    worker's share of the work is cut into its K/V heads, which are independent. Units write disjoint slices."""
     workers = torch.get_num_threads()
     if workers == 1 or device.type != "cpu" or len(pieces) == 0:
         for row, s, e in pieces:

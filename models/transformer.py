@@ -30,13 +30,18 @@ class Linear(nn.Module):
         self.lora_dropout = 0.0
         self.lora_enabled = True
 
+    @property
+    def fused_adapter(self) -> bool:
+        """An active adapter without dropout: the fused LoRA ops (kernels/ops.py) compute it."""
+        return self.lora_a is not None and self.lora_enabled and not (self.lora_dropout and self.training)
+
     def forward(self, x):
+        if self.fused_adapter:
+            return ops.lora_linear(x, self.weight, self.lora_a, self.lora_b, self.lora_scale)
         if self.lora_a is None or not self.lora_enabled:
             return F.linear(x, self.weight)
-        if self.lora_dropout and self.training:
-            dropped = F.dropout(x, self.lora_dropout, training=True)
-            return F.linear(x, self.weight) + self.lora_scale * F.linear(F.linear(dropped, self.lora_a), self.lora_b)
-        return ops.lora_linear(x, self.weight, self.lora_a, self.lora_b, self.lora_scale)
+        dropped = F.dropout(x, self.lora_dropout, training=True)
+        return F.linear(x, self.weight) + self.lora_scale * F.linear(F.linear(dropped, self.lora_a), self.lora_b)
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A, the weight a merged export holds."""
@@ -53,7 +58,7 @@ class Linear(nn.Module):
 def project(x, *linears: Linear) -> tuple:
     """x through Linears that share it (q/k/v, gate/up): one op with the adapters' A factors stacked when every
     one carries an active adapter without dropout (kernels/lora.py), else each Linear on its own."""
-    if all(m.lora_a is not None and m.lora_enabled and not (m.lora_dropout and m.training) for m in linears):
+    if all(m.fused_adapter for m in linears):
         return ops.lora_linears(x, [(m.weight, m.lora_a, m.lora_b) for m in linears], [m.lora_scale for m in linears])
     return tuple(m(x) for m in linears)
 
