@@ -13,7 +13,8 @@ on every linear layer of every block, AdamW on the adapters, gradient clipping a
            `model(input_ids, labels=input_ids).loss` on the rows the trainer draws for the same steps.
   engine, engine_mmap: an isolated loop of the engine's forward/backward (models.load_model + add_lora,
            engine.losses.token_cross_entropy inside engine.host_memory.mmapped_forward, as the trainer runs it) on
-           the same rows, with mmap_activations off (the default) / on.
+           the same rows, with mmap_activations off (the default) / on, under the trainer's OpenMP wait policy
+           (engine/openmp.py); hf runs in the environment as given.
 Each side runs in its own process (so ru_maxrss is that side's peak), the sides alternate for `--rounds` rounds in
 one run (the CPU may be shared: compare the per-round ratios and the CPU seconds). The matmul-bound ceiling is
 measured in the same run, right after each side's process ends: GFLOP/s of a 2048^3 fp32 matmul divided by the
@@ -33,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from hippocrates.engine.openmp import WAIT_POLICY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -239,6 +242,8 @@ def spawn_loop(side, args, data_file) -> dict:
     if args.profile == side:
         command += ["--profile", side]
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    if side.startswith("engine"):  # the trainer's OpenMP wait policy (train/cli.py, engine/openmp.py)
+        env.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:

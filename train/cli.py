@@ -11,7 +11,12 @@ import os
 import sys
 
 import yaml
-from torch.distributed.elastic.multiprocessing.errors import record
+
+from hippocrates.engine.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before torch loads: engine/openmp.py says why
+
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 LAUNCH = """launch: hippo {stage} ... | python -m hippocrates.train.{stage} ...      (one process)
         torchrun --nproc_per_node=N -m hippocrates.train.{stage} ...        (N processes, FSDP2)"""
