@@ -7,8 +7,9 @@ core with a worker: 3 busy threads on 2 cores. OMP_WAIT_POLICY=PASSIVE makes idl
 
 Measured on the benchmark workload (SmolLM2-135M, LoRA r16, 4 x 512 tokens, 1 process, 2 threads; one process per
 run, runs alternating): the engine's step used 2.5-9% fewer CPU seconds (18.4 -> 17.9 s on a quiet machine, 20.3
--> 18.4 on a loaded one); its wall time was unchanged when the machine was quiet and 4-6% lower when loaded.
-transformers + peft, which has no worker threads, gains nothing from it (12.2 s/step by default, 12.4 passive).
+-> 18.4 on a loaded one, there with GOMP_SPINCOUNT=0, the spin count the passive policy sets); its wall time was
+unchanged when the machine was quiet and 4-6% lower when loaded. transformers + peft, which has no worker threads,
+gains nothing from it (12.0-12.3 s/step by default, 12.4-12.6 passive, three runs each).
 """
 import os
 
