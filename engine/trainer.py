@@ -248,7 +248,7 @@ def optimizer_step(run: Run, step: int) -> StepResult:
     for micro, micro_rows in enumerate(my_rows):
         batch = {k: v.to(env.device) for k, v in run.train_set[micro_rows].items()}
         totals[REAL_TOKENS] += real_tokens(batch, pad_id(run.tokenizer))
-        run.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+        distributed.set_gradient_sync(run.model, micro == cfg.grad_accum - 1)
         with mmapped_forward(env.device, cfg.mmap_activations):
             if cfg.stage == "dpo":
                 if run.reference_logps is not None:

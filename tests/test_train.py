@@ -81,6 +81,21 @@ def test_resume_after_a_crash_reproduces_the_remaining_losses(tiny_model, tmp_pa
     assert losses(crashed) == losses(full), "the resumed run's losses are not bitwise those of the uninterrupted run"
 
 
+def test_one_process_checkpoint_resumes_on_two_ranks(tiny_model, tmp_path):
+    """One fp32 process trains without FSDP2 (plain tensors in its checkpoint); two ranks resume it as FSDP2 shards
+    and continue with the losses of the uninterrupted one-process run (global batch 4 both ways)."""
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    run("cpt", cpt_args(tiny_model, full, batch_size=2))
+    run("cpt", cpt_args(tiny_model, crashed, batch_size=2), env=run_env(HIPPO_FAULT_RAISE="0:5"), check=False)
+    assert checkpoint_steps(crashed) == [2, 4]
+    resumed = run("cpt", cpt_args(tiny_model, crashed, resume="true", batch_size=1), nproc=2)
+    assert "step_4" in resumed.stdout
+    a, b = losses(full), losses(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    worst = max(relative_diff(a[s], b[s]) for s in (5, 6))
+    assert worst <= 1e-5, f"steps 5-6 differ by {worst:.2e} (relative): {a} vs {b}"
+
+
 def test_fresh_run_refuses_an_out_dir_with_checkpoints(tiny_model, tmp_path):
     out = tmp_path / "run"
     run("cpt", cpt_args(tiny_model, out, max_steps=2))
