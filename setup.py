@@ -19,7 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=["hippocrates", *(name for folder in FOLDERS for name in subpackages(folder))],
     package_dir={"hippocrates": "hippocrates", **{f"hippocrates.{folder}": folder for folder in FOLDERS}},
-    package_data={"hippocrates.train": ["configs/*.yaml"], "hippocrates.eval": ["specs/*.yaml", "README.md"]},
+    package_data={"hippocrates.train": ["configs/*.yaml"], "hippocrates.eval": ["specs/*.yaml", "README.md"],
+                  "hippocrates.kernels": ["cpu_fused.c"]},  # built on first use (kernels/native.py)
     entry_points={"console_scripts": ["hippo = hippocrates.cli:main"]},
     install_requires=[
         "torch>=2.6",  # FSDP2's public fully_shard and DCP; a GPU user keeps their own CUDA build

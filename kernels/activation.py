@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import native
+
 
 def swiglu_reference(gate, up):
     return F.silu(gate) * up
@@ -114,6 +116,29 @@ class SwiGLUTorch(torch.autograd.Function):
             dgate = torch.mul(dy, up)
             torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)  # in place: one buffer per grad
         return dgate, dup, None, None
+
+
+class SwiGLUNative(torch.autograd.Function):
+    """Contiguous fp32 CPU tensors: one fused pass forward and one backward (kernels/cpu_fused.c); keeps gate and
+    up only."""
+
+    @staticmethod
+    def forward(ctx, gate, up, out):
+        ctx.save_for_backward(gate, up)
+        return native.swiglu_forward(gate, up, out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate, dup = native.swiglu_backward(dy.contiguous(), gate, up)
+        return dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None, None
+
+
+def swiglu_native(gate, up, out=None):
+    """out: as for swiglu_torch."""
+    _check(gate, up)
+    native.require("swiglu", gate, up)
+    return SwiGLUNative.apply(gate, up, out)
 
 
 def swiglu_torch(gate, up, out=None, shared_silu=None):

@@ -7,7 +7,10 @@ document, on [B, T, H, D] views of the projections' outputs, through a blocked l
 QUERY_BLOCK queries at a time against the keys up to the block's end, the g query heads that share a K/V head
 stacked position-major into one matmul ([Hkv, n g, D]: a block of queries is a view, GQA without repeating K/V),
 the exponentials as exp2 of log2(e)-scaled scores (torch's CPU exp2 runs at twice the rate of exp). It keeps q, k, v,
-the output and the log-sum-exp: never T x T probabilities. 16-bit inputs compute in fp32, fp64 in fp64.
+the output and the log-sum-exp: never T x T probabilities. 16-bit inputs compute in fp32, fp64 in fp64. In fp32
+with the fused C kernels (kernels/native.py, unless HIPPO_KERNELS=torch), a block's causal mask, row max,
+exponentials and row sum are one pass per row, and so are the backward's probabilities and its dP - delta product;
+the torch ops below are the fallback (and fp64's path).
 
 Measured on this machine (Hq=9, Hkv=3, D=64, fp32, one thread, one 512-token document): the forward takes
 6.4-7.5 ms against 9.3 for torch's CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, which
@@ -19,11 +22,9 @@ one single-threaded worker (`parallel_units`), in the forward and the backward.
 """
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
+
+from . import native, ops
 
 QUERY_BLOCK = 64
 LOG2_E = 1.4426950408889634
@@ -52,26 +53,6 @@ def _pieces(spans):
     return [(row, start, end) for row, row_spans in enumerate(spans) for start, end in row_spans]
 
 
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, the pool)
-
-
-def _single_threaded_workers(workers: int) -> ThreadPoolExecutor:
-    """`workers` Python threads whose torch ops each run on one intra-op thread (made once per process).
-
-    torch.set_num_threads is per thread for OpenMP and MKL, but it also stores the count new threads start from,
-    so the caller's count is set back once every worker has set its own."""
-    global _pool
-    if _pool is None or _pool[:2] != (os.getpid(), workers):  # a forked child has none of its parent's threads
-        caller_threads = torch.get_num_threads()
-        started = threading.Barrier(workers)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="hippo-attention")
-        # get_num_threads first: a thread's first call sets its count from the stored one, which would undo ours
-        list(pool.map(lambda _: (torch.get_num_threads(), torch.set_num_threads(1), started.wait()), range(workers)))
-        torch.set_num_threads(caller_threads)
-        _pool = (os.getpid(), workers, pool)
-    return _pool[2]
-
-
 def parallel_units(fn, pieces, kv_heads: int, device) -> None:
     """Run fn((row, start, end, first K/V head, end K/V head)) over every document, in parallel over documents.
 
@@ -96,7 +77,7 @@ def parallel_units(fn, pieces, kv_heads: int, device) -> None:
     def run(unit):
         with torch.inference_mode(inference_mode), torch.set_grad_enabled(grad_mode):
             fn(unit)
-    list(_single_threaded_workers(workers).map(run, units))  # re-raises a unit's exception here
+    list(native.worker_pool(workers).map(run, units))  # re-raises a unit's exception here
 
 
 def _rows_of(x, row, s, e, h0, h1, group):
@@ -200,16 +181,21 @@ def _blocked_document_forward(q, k, v, lse):
     hkv, n, _ = k.shape
     g = q.shape[1] // n
     out = torch.empty_like(q)
+    fused = ops.use_native(q)  # the softmax numerator in one pass (kernels/native.py)
     for t0, t1, rows, future_inf, visible in _query_blocks(n, g, q.device):
         scores = torch.bmm(q[:, rows], k[:, :t1].transpose(1, 2))  # [Hkv, m g, t1]
-        own_keys = scores.view(hkv, t1 - t0, g, t1)[..., t0:]  # [Hkv, m, g, m]
-        own_keys.add_(future_inf)
-        row_max = scores.amax(-1, keepdim=True)  # [Hkv, m g, 1]
-        scores.sub_(row_max)
-        own_keys.clamp_(min=-126.0)
-        probs = scores.exp2_()
-        own_keys.mul_(visible)
-        row_sum = probs.sum(-1, keepdim=True)  # [Hkv, m g, 1]
+        if fused:
+            row_max, row_sum = native.attention_forward_block(scores, t0, g)  # [Hkv, m g, 1] each
+            probs = scores
+        else:
+            own_keys = scores.view(hkv, t1 - t0, g, t1)[..., t0:]  # [Hkv, m, g, m]
+            own_keys.add_(future_inf)
+            row_max = scores.amax(-1, keepdim=True)  # [Hkv, m g, 1]
+            scores.sub_(row_max)
+            own_keys.clamp_(min=-126.0)
+            probs = scores.exp2_()
+            own_keys.mul_(visible)
+            row_sum = probs.sum(-1, keepdim=True)  # [Hkv, m g, 1]
         torch.bmm(probs, v[:, :t1], out=out[:, rows]).div_(row_sum)
         torch.add(row_max, row_sum.log2_(), out=lse[:, rows])
     return out
@@ -229,15 +215,24 @@ def _blocked_document_backward(q, k, v, dout, lse, delta, dk, dv, scale):
     hkv, n, d = k.shape
     g = q.shape[1] // n
     dq = torch.empty_like(q)
+    fused = ops.use_native(q)  # each elementwise step in one pass (kernels/native.py)
     for t0, t1, rows, _, visible in _query_blocks(n, g, q.device):
         keys, values = k[:, :t1], v[:, :t1]  # [Hkv, t1, D]
-        logits = torch.bmm(q[:, rows], keys.transpose(1, 2)).sub_(lse[:, rows])  # [Hkv, m g, t1]
-        own_keys = logits.view(hkv, t1 - t0, g, t1)[..., t0:]
-        own_keys.mul_(visible)
-        probs = logits.exp2_()
-        own_keys.mul_(visible)
+        logits = torch.bmm(q[:, rows], keys.transpose(1, 2))  # [Hkv, m g, t1]
+        if fused:
+            probs = native.attention_backward_probs(logits, lse[:, rows], t0, g)
+        else:
+            logits.sub_(lse[:, rows])
+            own_keys = logits.view(hkv, t1 - t0, g, t1)[..., t0:]
+            own_keys.mul_(visible)
+            probs = logits.exp2_()
+            own_keys.mul_(visible)
         dv[:, :t1].baddbmm_(probs.transpose(1, 2), dout[:, rows])
-        dscores = torch.bmm(dout[:, rows], values.transpose(1, 2)).sub_(delta[:, rows]).mul_(probs)
+        dprobs = torch.bmm(dout[:, rows], values.transpose(1, 2))  # [Hkv, m g, t1]
+        if fused:
+            dscores = native.attention_backward_dscores(dprobs, probs, delta[:, rows])
+        else:
+            dscores = dprobs.sub_(delta[:, rows]).mul_(probs)
         torch.bmm(dscores, keys, out=dq[:, rows])
         dk[:, :t1].baddbmm_(dscores.transpose(1, 2), q[:, rows], alpha=1 / LOG2_E)
     return dq.mul_(scale)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import native
+
 # [C, V] chunk budget: C = next power of two >= 2^25 / V (capped at N). SmolLM2 (V = 49,152, fp32, CPU): 1024-row
 # chunks (200 MB) take 1.48 s for the loss and gradient of 2048 tokens against 1.55 s at 512 rows and 2.06 at 128.
 LOGITS_CHUNK_ELEMENTS = 1 << 25
@@ -225,3 +227,9 @@ def fused_linear_cross_entropy_triton(hidden, weight, labels, ignore_index=-100,
 
 def fused_linear_cross_entropy_torch(hidden, weight, labels, ignore_index=-100, reduction="mean", chunk_size=None):
     return _fused(hidden, weight, labels, ignore_index, reduction, chunk_size, cross_entropy_rows_torch)
+
+
+def fused_linear_cross_entropy_native(hidden, weight, labels, ignore_index=-100, reduction="mean", chunk_size=None):
+    """Matmuls by torch, softmax/loss/gradient rows by the fused C kernel (kernels/native.py): fp32 CPU tensors."""
+    native.require("fused_linear_cross_entropy", hidden, weight, contiguous=False)
+    return _fused(hidden, weight, labels, ignore_index, reduction, chunk_size, native.cross_entropy_rows)

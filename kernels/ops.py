@@ -1,22 +1,36 @@
 """The engine's hot paths. Each op has a Triton side (CUDA, or CPU under TRITON_INTERPRET=1) and a torch side.
 
-`HIPPO_KERNELS=triton|torch` forces one side for every op; by default CUDA tensors take Triton and CPU tensors
-take torch. Tensors follow `scaled_dot_product_attention`'s layout: [B, H, T, D].
+On CPU, RMSNorm, SwiGLU, RoPE and the cross-entropy rows have a third side for contiguous fp32 tensors, fused C
+kernels (kernels/native.py). `HIPPO_KERNELS=triton|torch|native` forces one side for every op (native where it
+applies, torch elsewhere); by default CUDA tensors take Triton, and CPU tensors native where it applies and torch
+elsewhere. Tensors follow `scaled_dot_product_attention`'s layout: [B, H, T, D].
 """
 import os
 
 import torch
 
 
+def _forced_side() -> str:
+    choice = os.environ.get("HIPPO_KERNELS", "").strip().lower()
+    if choice not in ("", "triton", "torch", "native"):
+        raise ValueError(f"HIPPO_KERNELS={choice!r}: expected 'triton', 'torch' or 'native'")
+    return choice
+
+
 def use_triton(t: torch.Tensor, cuda_default: bool = True) -> bool:
     """HIPPO_KERNELS when set; else Triton for CUDA tensors (unless cuda_default=False: an op whose torch side is
     the faster one on a GPU)."""
-    choice = os.environ.get("HIPPO_KERNELS", "").strip().lower()
-    if choice not in ("", "triton", "torch"):
-        raise ValueError(f"HIPPO_KERNELS={choice!r}: expected 'triton' or 'torch'")
+    choice = _forced_side()
     if choice:
         return choice == "triton"
     return t.is_cuda and cuda_default
+
+
+def use_native(*tensors: torch.Tensor, contiguous: bool = True) -> bool:
+    """The fused C kernels (kernels/native.py) for fp32 CPU tensors (contiguous unless the op copes with any
+    layout), unless HIPPO_KERNELS names another side."""
+    from . import native
+    return _forced_side() in ("", "native") and native.usable(*tensors, contiguous=contiguous)
 
 
 def rms_norm(x, weight, eps, out=None):
@@ -25,6 +39,8 @@ def rms_norm(x, weight, eps, out=None):
     from . import rmsnorm as op
     if use_triton(x):
         return op.rms_norm_triton(x, weight, eps)
+    if use_native(x, weight):
+        return op.rms_norm_native(x, weight, eps, out=out)
     return op.rms_norm_torch(x, weight, eps, out=out)
 
 
@@ -74,8 +90,12 @@ def lora_linears(x, projections, scales):
 
 def apply_rope(q, k, cos, sin):
     """q [B, Hq, T, D], k [B, Hkv, T, D], cos/sin [B, T, D] (rotate-half convention) -> (q, k) rotated."""
-    from . import rope as op
-    return (op.apply_rope_triton if use_triton(q) else op.apply_rope_torch)(q, k, cos, sin)
+    from . import native, rope as op
+    if use_triton(q):
+        return op.apply_rope_triton(q, k, cos, sin)
+    if use_native(cos, sin) and native.heads_last(q) and native.heads_last(k) and q.dtype == k.dtype == cos.dtype:
+        return op.apply_rope_native(q, k, cos, sin)
+    return op.apply_rope_torch(q, k, cos, sin)
 
 
 def swiglu(gate, up, out=None, rebuild=False):
@@ -87,6 +107,10 @@ def swiglu(gate, up, out=None, rebuild=False):
     if use_triton(gate):
         hidden = op.swiglu_triton(gate, up)
         return rebuild_in_backward(hidden, op.swiglu_triton, gate, up) if rebuild else hidden
+    if use_native(gate, up):
+        from . import native
+        hidden = op.swiglu_native(gate, up, out=out)
+        return rebuild_in_backward(hidden, native.swiglu_forward, gate, up) if rebuild else hidden
     shared = op.SharedSilu() if rebuild else None
     hidden = op.swiglu_torch(gate, up, out=out, shared_silu=shared)
     return rebuild_in_backward(hidden, shared.rebuild, gate, up) if rebuild else hidden
@@ -100,5 +124,10 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     (default: about 2^25 logits per chunk).
     """
     from . import cross_entropy as op
-    fn = op.fused_linear_cross_entropy_triton if use_triton(hidden) else op.fused_linear_cross_entropy_torch
+    if use_triton(hidden):
+        fn = op.fused_linear_cross_entropy_triton
+    elif use_native(hidden, weight, contiguous=False):  # the C kernel sees only its own logits buffer
+        fn = op.fused_linear_cross_entropy_native
+    else:
+        fn = op.fused_linear_cross_entropy_torch
     return fn(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)

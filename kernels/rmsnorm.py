@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
+
 
 def rms_norm_reference(x, weight, eps):
     x32 = x.float()
@@ -102,6 +104,11 @@ class RMSNormTriton(torch.autograd.Function):
         return dx.view(ctx.shape), dw, None
 
 
+def _check_features(x, weight):
+    if x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"rms_norm: x has {x.shape[-1]} features but weight has {weight.shape[0]}")
+
+
 def _num_programs(device, rows):
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -110,8 +117,7 @@ def _num_programs(device, rows):
 
 
 def rms_norm_triton(x, weight, eps):
-    if x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"rms_norm: x has {x.shape[-1]} features but weight has {weight.shape[0]}")
+    _check_features(x, weight)
     return RMSNormTriton.apply(x, weight, eps)
 
 
@@ -152,8 +158,33 @@ class RMSNormTorch(torch.autograd.Function):
         return dx, dw, None, None
 
 
+class RMSNormNative(torch.autograd.Function):
+    """Contiguous fp32 CPU tensors: RMSNormTorch's math, each way in one fused pass per row (kernels/cpu_fused.c);
+    keeps x and rstd. A trained weight's gradient is the torch expression."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out):
+        y, rstd = native.rms_norm_forward(x, weight, eps, out)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = native.rms_norm_backward(dy, x, weight, rstd) if ctx.needs_input_grad[0] else None
+        dw = (dy * x * rstd[..., None]).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
+def rms_norm_native(x, weight, eps, out=None):
+    """out: as for rms_norm_torch."""
+    _check_features(x, weight)
+    native.require("rms_norm", x, weight)
+    return RMSNormNative.apply(x, weight, eps, out)
+
+
 def rms_norm_torch(x, weight, eps, out=None):
     """out: an optional contiguous buffer of x's shape and dtype to write the result into (kernels/rebuild.py)."""
-    if x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"rms_norm: x has {x.shape[-1]} features but weight has {weight.shape[0]}")
+    _check_features(x, weight)
     return RMSNormTorch.apply(x, weight, eps, out)

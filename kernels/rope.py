@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import native
+
 
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
@@ -148,6 +150,33 @@ class RoPETorch(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
         return rotate_torch(dq_rot, cos, sin, adjoint=True), rotate_torch(dk_rot, cos, sin, adjoint=True), None, None
+
+
+class RoPENative(torch.autograd.Function):
+    """q, k [B, H, T, D] as views of contiguous [B, T, H, D] memory, fp32 CPU: each rotation one fused pass
+    (kernels/cpu_fused.c); keeps no activation."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return native.rope(q, cos, sin), native.rope(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq_rot, dk_rot):
+        cos, sin = ctx.saved_tensors
+        return _rope_native_adjoint(dq_rot, cos, sin), _rope_native_adjoint(dk_rot, cos, sin), None, None
+
+
+def _rope_native_adjoint(grad, cos, sin):
+    if not native.heads_last(grad):
+        grad = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    return native.rope(grad, cos, sin, adjoint=True)
+
+
+def apply_rope_native(q, k, cos, sin):
+    _check(q, k, cos, sin)
+    native.require("apply_rope", q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return RoPENative.apply(q, k, cos, sin)
 
 
 def apply_rope_torch(q, k, cos, sin):

@@ -20,6 +20,13 @@ def reference(q, k, v, segment_ids, window=None):
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
 
 
+@pytest.fixture(params=["native", "torch"])
+def elementwise_side(request, monkeypatch):
+    """The blocked loop's elementwise steps by the fused C kernels (the default) or by torch ops (the fallback)."""
+    monkeypatch.setenv("HIPPO_KERNELS", request.param)
+    return request.param
+
+
 def packed_inputs(b, t, hq, hkv, d, generator):
     """q, k, v as views of one projection output ([B, T, H, D] memory, as the model makes them) and random cuts."""
     x = torch.randn(b, t, (hq + 2 * hkv) * d, generator=generator)
@@ -33,7 +40,7 @@ def packed_inputs(b, t, hq, hkv, d, generator):
 
 
 @pytest.mark.parametrize("b,t,hq,hkv,d", [(2, 37, 4, 2, 16), (3, 64, 6, 3, 32), (1, 20, 2, 2, 8)])
-def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d):
+def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d, elementwise_side):
     generator = torch.Generator().manual_seed(t)
     (q, k, v), segment_ids = packed_inputs(b, t, hq, hkv, d, generator)
     spans = cpu_attention.document_spans(segment_ids)
@@ -53,7 +60,8 @@ def test_packed_attention_matches_float64_reference(b, t, hq, hkv, d):
 
 
 @pytest.mark.parametrize("query_block,t,logit_scale", [(8, 45, 1.0), (None, 700, 1.0), (8, 45, 30.0)])
-def test_blocked_loop_on_long_documents_matches_float64_reference(query_block, t, logit_scale, monkeypatch):
+def test_blocked_loop_on_long_documents_matches_float64_reference(query_block, t, logit_scale, monkeypatch,
+                                                                  elementwise_side):
     """Documents longer than a block of queries: small blocks with a ragged last one, the real block on a
     700-token row, and logits so large that the masked future keys' exponentials would overflow to inf."""
     if query_block is not None:
@@ -144,5 +152,5 @@ def test_parallel_units_cover_each_document_once_on_the_workers():
         torch.set_num_threads(threads)
     units = sorted(unit for unit, *_ in seen[:5])
     assert units == [(0, 0, 400, 0, 1), (0, 0, 400, 1, 2), (0, 0, 400, 2, 3), (1, 0, 10, 0, 3), (1, 10, 30, 0, 3)]
-    assert all(name.startswith("hippo-attention") and not grad and workers == 1 for _, name, grad, _, workers in seen)
+    assert all(name.startswith("hippo-cpu") and not grad and workers == 1 for _, name, grad, _, workers in seen)
     assert [inference for *_, inference, _ in seen] == [False] * 5 + [True] * 5

@@ -1,5 +1,6 @@
 """End to end: one training step of a tiny LLaMA/Mistral with LoRA gives the same loss and gradients with every
-op on the Triton side (the interpreter on CPU) as with every op on the torch side."""
+op on the Triton side (the interpreter on CPU), or on the native side (the CPU's fused C kernels), as with every op
+on the torch side."""
 import pytest
 import torch
 
@@ -22,15 +23,19 @@ def build(config, lora_rank):
     return model
 
 
-TRITON_OPS = {"rmsnorm": "rms_norm_triton", "flash_attention": "attention_triton", "rope": "apply_rope_triton",
-              "activation": "swiglu_triton", "cross_entropy": "fused_linear_cross_entropy_triton"}
+SIDE_OPS = {
+    "triton": {"rmsnorm": "rms_norm_triton", "flash_attention": "attention_triton", "rope": "apply_rope_triton",
+               "activation": "swiglu_triton", "cross_entropy": "fused_linear_cross_entropy_triton"},
+    "native": {"rmsnorm": "rms_norm_native", "rope": "apply_rope_native", "activation": "swiglu_native",
+               "cross_entropy": "fused_linear_cross_entropy_native"},
+}
 
 
-def spy_on_triton_ops(monkeypatch, lora=True):
-    """Count calls of every op's Triton entry point, so the test knows the Triton side really ran."""
+def spy_on_side_ops(monkeypatch, side, lora=True):
+    """Count calls of every op's entry point on that side, so the test knows the side really ran."""
     import importlib
     calls = {}
-    ops = dict(TRITON_OPS, **({"lora": "lora_linear_triton"} if lora else {}))
+    ops = dict(SIDE_OPS[side], **({"lora": "lora_linear_triton"} if lora and side == "triton" else {}))
     for module_name, fn_name in ops.items():
         module = importlib.import_module(f"hippocrates.kernels.{module_name}")
         real = getattr(module, fn_name)
@@ -60,7 +65,8 @@ def step(model, input_ids, segment_ids):
     (TINY.replace(sliding_window=6, architecture="mistral"), 4, True),
     (TINY.replace(tie_word_embeddings=True), 0, False),
 ])
-def test_triton_step_matches_torch_step(config, lora_rank, packed, monkeypatch):
+@pytest.mark.parametrize("side", SIDE_OPS)
+def test_step_matches_torch_step(side, config, lora_rank, packed, monkeypatch):
     model = build(config, lora_rank)
     generator = torch.Generator().manual_seed(3)
     input_ids = torch.randint(0, config.vocab_size, (2, 19), generator=generator)
@@ -68,16 +74,16 @@ def test_triton_step_matches_torch_step(config, lora_rank, packed, monkeypatch):
 
     monkeypatch.setenv("HIPPO_KERNELS", "torch")
     loss_torch, grads_torch = step(model, input_ids, segment_ids)
-    monkeypatch.setenv("HIPPO_KERNELS", "triton")
-    calls = spy_on_triton_ops(monkeypatch, lora=lora_rank > 0)
-    loss_triton, grads_triton = step(model, input_ids, segment_ids)
-    assert all(calls.values()), f"Triton ops never called: {[name for name, n in calls.items() if not n]}"
+    monkeypatch.setenv("HIPPO_KERNELS", side)
+    calls = spy_on_side_ops(monkeypatch, side, lora=lora_rank > 0)
+    loss_side, grads_side = step(model, input_ids, segment_ids)
+    assert all(calls.values()), f"{side} ops never called: {[name for name, n in calls.items() if not n]}"
 
     assert torch.isfinite(loss_torch)
-    assert abs(loss_triton.item() - loss_torch.item()) <= 1e-5 * abs(loss_torch.item())
-    assert grads_torch.keys() == grads_triton.keys() and grads_torch
+    assert abs(loss_side.item() - loss_torch.item()) <= 1e-5 * abs(loss_torch.item())
+    assert grads_torch.keys() == grads_side.keys() and grads_torch
     for name, expected in grads_torch.items():
-        error = (grads_triton[name] - expected).abs().max().item()
+        error = (grads_side[name] - expected).abs().max().item()
         scale = expected.abs().max().item()
         assert scale > 0, f"{name}: zero gradient, the check would be vacuous"
         assert error <= 1e-4 * scale, f"{name}: max error {error:.3g} vs max|grad| {scale:.3g}"
