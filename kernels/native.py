@@ -7,7 +7,7 @@ build at the same time each write their own file and rename it into place. Witho
 Linux) `available()` is False, one warning says why, and the callers run their torch ops instead.
 
 The flags (kernels/cpu_fused.c says why): no -ffast-math, which would also make gcc before 13 link crtfastmath.o
-into the library, flushing denormals to zero for the whole process when it loads (tests/test_native.py checks).
+into the library, flushing denormals to zero for the whole process when it loads (kernels/test_native.py checks).
 
 A call covers its range of elements or rows; `parallel_ranges` cuts the range between torch.get_num_threads()
 single-threaded Python workers (ctypes releases the GIL during the call), which the CPU attention also runs on.
