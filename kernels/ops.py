@@ -90,10 +90,10 @@ def lora_linears(x, projections, scales):
 
 def apply_rope(q, k, cos, sin):
     """q [B, Hq, T, D], k [B, Hkv, T, D], cos/sin [B, T, D] (rotate-half convention) -> (q, k) rotated."""
-    from . import native, rope as op
+    from . import rope as op
     if use_triton(q):
         return op.apply_rope_triton(q, k, cos, sin)
-    if use_native(cos, sin) and native.heads_last(q) and native.heads_last(k) and q.dtype == k.dtype == cos.dtype:
+    if use_native(q.transpose(1, 2), k.transpose(1, 2), cos, sin):  # q, k: views of [B, T, H, D] memory
         return op.apply_rope_native(q, k, cos, sin)
     return op.apply_rope_torch(q, k, cos, sin)
 
